@@ -1,0 +1,33 @@
+# imagefs: `make demo` to see it work, `make test` to check everything.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all bootstrap test lint typecheck pytest demo format clean
+
+all: test
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+lint: bootstrap
+	$(VENV)/bin/ruff check imagefs tests scripts
+	$(VENV)/bin/ruff format --check imagefs tests scripts
+
+typecheck: bootstrap
+	$(VENV)/bin/mypy
+
+pytest: bootstrap
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+format: bootstrap
+	$(VENV)/bin/ruff format imagefs tests scripts
+	$(VENV)/bin/ruff check --fix imagefs tests scripts
+
+demo: bootstrap
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

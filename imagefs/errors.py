@@ -1,0 +1,79 @@
+"""Errors raised by imagefs, as one documented hierarchy.
+
+Every error carries its context in its message (which file, which blob, what
+went wrong), so the CLI can print ``imagefs: <message>`` on one line and exit
+non-zero without a traceback::
+
+    ImageFSError                  base of everything imagefs raises on purpose
+    ├── UsageError                bad command line or option value
+    ├── SourceError               the image source cannot be used
+    │   ├── SourceNotFoundError   path / reference / tag / image name absent
+    │   ├── ManifestError         manifest, index or config missing or invalid
+    │   ├── PlatformError         no manifest for the requested platform
+    │   └── MediaTypeError        a media type imagefs does not understand
+    ├── BlobError                 a blob cannot be read correctly
+    │   ├── BlobMissingError      a referenced blob is absent
+    │   └── DigestMismatchError   a blob's content does not match its digest
+    ├── LayerError                a layer's content is unusable
+    │   ├── CompressionError      corrupt/truncated gzip or zstd stream
+    │   └── TarFormatError        corrupt/truncated tar stream
+    └── MountError                the mount itself failed (mount point, FUSE)
+"""
+
+from __future__ import annotations
+
+
+class ImageFSError(Exception):
+    """Base class for every error imagefs raises deliberately."""
+
+
+class UsageError(ImageFSError):
+    """The command line or an option value is invalid."""
+
+
+class SourceError(ImageFSError):
+    """The image source (file, directory, reference) cannot be used."""
+
+
+class SourceNotFoundError(SourceError):
+    """The source path, tag or image name inside a multi-image archive is absent."""
+
+
+class ManifestError(SourceError):
+    """A manifest, index, config or ``manifest.json`` is missing or malformed."""
+
+
+class PlatformError(SourceError):
+    """An index has no manifest for the requested platform; lists those it has."""
+
+
+class MediaTypeError(SourceError):
+    """A descriptor has a media type imagefs does not understand."""
+
+
+class BlobError(ImageFSError):
+    """A blob cannot be read correctly."""
+
+
+class BlobMissingError(BlobError):
+    """A blob referenced by a manifest is not present in the source."""
+
+
+class DigestMismatchError(BlobError):
+    """A blob's content (or size) does not match the digest that names it."""
+
+
+class LayerError(ImageFSError):
+    """A layer's content cannot be interpreted."""
+
+
+class CompressionError(LayerError):
+    """A gzip or zstd layer stream is corrupt or truncated."""
+
+
+class TarFormatError(LayerError):
+    """A layer's tar stream is corrupt or truncated."""
+
+
+class MountError(ImageFSError):
+    """Mounting failed: bad or busy mount point, FUSE unavailable, daemon died."""

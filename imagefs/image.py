@@ -1,0 +1,82 @@
+"""What a source hands to the rest of imagefs: an image as plain data.
+
+Sources (``imagefs.sources``) resolve a user's SOURCE argument to an
+:class:`Image`; everything downstream (layer scanning, overlay merge, FUSE)
+works only from these frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRange:
+    """A blob stored as a byte range of a local file.
+
+    Layers inside a ``docker save`` tarball are read in place: ``path`` is the
+    outer tar and ``offset``/``length`` locate the member's data. For a blob
+    stored as its own file, ``offset`` is 0 and ``length`` its size.
+    """
+
+    path: str
+    offset: int
+    length: int
+
+    def open_fd(self) -> int:
+        """Open the underlying file read-only; the caller closes the descriptor."""
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    """An OCI platform (image-index ``platform`` object)."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+
+    def __str__(self) -> str:
+        base = f"{self.os}/{self.architecture}"
+        return f"{base}/{self.variant}" if self.variant else base
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """An OCI content descriptor (``mediaType``, ``digest``, ``size``)."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: tuple[tuple[str, str], ...] = ()
+    platform: Platform | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One layer of an image: its descriptor and where its bytes are.
+
+    ``descriptor.digest`` is the digest of the bytes in ``blob`` (for legacy
+    ``docker save`` layers, which have no compressed digest, it is the diff_id:
+    the digest of the uncompressed tar, which is what ``blob`` holds).
+    ``diff_id`` is the config's ``rootfs.diff_ids`` entry, or "" if unknown.
+    """
+
+    descriptor: Descriptor
+    blob: BlobRange
+    diff_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A resolved image: config and ordered layers (base first)."""
+
+    source: str  # what the user named, for messages
+    transport: str  # "oci", "oci-archive", "docker-archive"
+    manifest_digest: str  # "" when the source has no manifest blob (legacy docker save)
+    config_digest: str
+    config: dict[str, Any] = field(hash=False, compare=False)
+    layers: tuple[Layer, ...] = ()
+    platform: Platform | None = None

@@ -1,0 +1,34 @@
+#!/bin/bash
+# Installs what imagefs needs to build, test and demo, from nothing, on Debian 12.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: FUSE (runtime + headers to build pyfuse3), the test peers
+# (umoci, skopeo, the CNCF distribution registry) and the small tools tests use.
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc umoci skopeo docker-registry zstd attr file tar gzip)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "bootstrap: missing Debian packages (run as root to install): ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The virtual environment, rebuilt when pyproject.toml changes.
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    echo "bootstrap: creating virtual environment .venv"
+    [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
