@@ -1,0 +1,328 @@
+"""Merge layer changesets into one tree, following the OCI image-spec.
+
+The rules implemented here are those of image-spec ``layer.md`` ("Applying
+Changesets", "Whiteouts", "Opaque Whiteout"):
+
+* A whiteout ``DIR/.wh.NAME`` removes ``DIR/NAME`` (and its subtree) from the
+  *lower* layers only; entries of the same layer are never hidden by it.
+* An opaque marker ``DIR/.wh..wh..opq`` hides every child ``DIR`` had in lower
+  layers; the same layer's children stay. Both kinds of whiteout "MUST" be
+  applied before the layer's other entries "regardless of the ordering in
+  which the whiteout file was encountered", so each layer is applied in two
+  passes: removals first, then additions.
+* An entry over an existing path: directory over directory replaces the
+  attributes and keeps the children; anything else replaces the old entry
+  (and a replaced directory takes its whole subtree with it).
+* Within one layer the last entry for a path wins (it is applied last).
+* Missing parent directories are implied (mode 0755, root-owned, mtime 0).
+* Hardlinks name an entry already applied (earlier in the same layer, or a
+  lower layer, as extracting the layers in order onto one directory does);
+  all names share one inode and ``st_nlink`` counts the surviving names.
+* Whiteout files themselves are never part of the result.
+
+Parent directories are resolved the way container runtimes extract layers
+(containerd, umoci: a secure join inside the root): when a lower layer made
+``lib`` a symlink to ``usr/lib``, an upper entry ``lib/x`` lands in
+``usr/lib/x``. Symlinks are followed only inside the tree being built, never on
+the host, and never past the root.
+
+Paths are cleaned first; an entry whose path would leave the root (``..``
+above the top), contains NUL, or has a component longer than NAME_MAX is
+dropped with a warning: the image is never allowed to place anything outside
+the tree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .entry import EntryType, TarEntry
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+# aufs kept its own bookkeeping under names starting with ".wh..wh." (hardlink
+# directories, ".wh..wh.plnk"); they are not part of the image's content.
+AUFS_META_PREFIX = ".wh..wh."
+
+NAME_MAX = 255
+# Linux's own bound on symlink hops while resolving one path (MAXSYMLINKS).
+MAX_SYMLINK_HOPS = 40
+
+IMPLIED_DIR_MODE = 0o755
+ROOT_LAYER = -1  # "layer" of the root and of implied directories without a layer
+
+Warn = Callable[[str], None]
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """A file-system object of the merged tree.
+
+    Hardlinked names share one ``Node``; directories are never shared. ``layer``
+    is the index (0 = base) of the layer whose entry produced the object.
+    """
+
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    layer: int
+    size: int = 0
+    target: str = ""  # symlink target, verbatim
+    rdev: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    data_offset: int = 0
+    sparse: tuple[tuple[int, int], ...] | None = None
+    children: dict[str, Node] | None = None  # directories only
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type is EntryType.DIRECTORY
+
+
+def clean_path(name: str) -> str | None:
+    """Normalise a member name to a root-relative path ("" is the root).
+
+    Returns None for names that must be refused: NUL bytes, components longer
+    than NAME_MAX, or ``..`` climbing above the root (``../../etc/passwd``).
+    A leading ``/`` is removed as GNU tar does; ``.`` and empty components
+    (``./a//b``) are dropped.
+    """
+    if "\x00" in name:
+        return None
+    parts: list[str] = []
+    for component in name.split("/"):
+        if component in ("", "."):
+            continue
+        if component == "..":
+            if not parts:
+                return None
+            parts.pop()
+            continue
+        if len(os.fsencode(component)) > NAME_MAX:
+            return None
+        parts.append(component)
+    return "/".join(parts)
+
+
+def new_directory(mode: int, uid: int, gid: int, mtime_ns: int, layer: int) -> Node:
+    return Node(EntryType.DIRECTORY, mode, uid, gid, mtime_ns, layer, children={})
+
+
+def implied_directory(layer: int) -> Node:
+    return new_directory(IMPLIED_DIR_MODE, 0, 0, 0, layer)
+
+
+def node_from_entry(entry: TarEntry, layer: int) -> Node:
+    node = Node(
+        type=entry.type,
+        mode=entry.mode & 0o7777,
+        uid=entry.uid,
+        gid=entry.gid,
+        mtime_ns=entry.mtime_ns,
+        layer=layer,
+        xattrs=dict(entry.xattrs),
+    )
+    if entry.type is EntryType.DIRECTORY:
+        node.children = {}
+    elif entry.type is EntryType.FILE:
+        node.size = entry.size
+        node.data_offset = entry.data_offset
+        node.sparse = entry.sparse
+    elif entry.type is EntryType.SYMLINK:
+        node.target = entry.linkname
+        node.size = len(os.fsencode(entry.linkname))
+    elif entry.type in (EntryType.CHAR_DEVICE, EntryType.BLOCK_DEVICE):
+        node.rdev = os.makedev(entry.devmajor, entry.devminor)
+    return node
+
+
+class _Merger:
+    """Applies layers, base first, onto one tree of :class:`Node`."""
+
+    def __init__(self, warn: Warn) -> None:
+        self.root = implied_directory(ROOT_LAYER)
+        self.warn = warn
+
+    # -- resolution inside the tree -------------------------------------
+
+    def _resolve_dir(self, parts: Sequence[str], create_layer: int | None) -> Node | None:
+        """Find (or, with ``create_layer``, create) the directory at ``parts``.
+
+        Symlinks met on the way are followed inside the tree (see module
+        docstring). When creating, a missing or non-directory component is
+        replaced by an implied directory, as extracting ``a/b`` over a file
+        ``a`` must do to honour the layer.
+        """
+        hops = 0
+        todo = list(reversed(parts))
+        stack: list[Node] = [self.root]
+        while todo:
+            name = todo.pop()
+            if name == "..":
+                # Only produced by symlink targets; clamped at the root like
+                # a secure join.
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            if name in ("", "."):
+                continue
+            current = stack[-1]
+            assert current.children is not None
+            child = current.children.get(name)
+            if child is not None and child.type is EntryType.SYMLINK and hops < MAX_SYMLINK_HOPS:
+                target = self._follow(stack, child.target)
+                if target is not None:
+                    hops += 1
+                    if child.target.startswith("/"):
+                        stack = [self.root]
+                    todo.extend(reversed(child.target.split("/")))
+                    continue
+            if child is None or not child.is_dir:
+                if create_layer is None:
+                    return None
+                child = implied_directory(create_layer)
+                current.children[name] = child
+            stack.append(child)
+        return stack[-1]
+
+    def _follow(self, stack: list[Node], target: str) -> Node | None:
+        """Return the directory a symlink in ``stack[-1]`` points at, if any."""
+        base = [self.root] if target.startswith("/") else list(stack)
+        hops = 0
+        todo = list(reversed(target.split("/")))
+        while todo:
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(base) > 1:
+                    base.pop()
+                continue
+            children = base[-1].children
+            assert children is not None
+            child = children.get(name)
+            if child is None:
+                return None
+            if child.type is EntryType.SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    return None
+                if child.target.startswith("/"):
+                    base = [self.root]
+                todo.extend(reversed(child.target.split("/")))
+                continue
+            if not child.is_dir:
+                return None
+            base.append(child)
+        return base[-1]
+
+    def _lookup(self, path: str) -> Node | None:
+        """The node at a cleaned path, following symlinks in its parents only."""
+        if path == "":
+            return self.root
+        parent_path, _, name = path.rpartition("/")
+        parent = self._resolve_dir(parent_path.split("/") if parent_path else [], None)
+        if parent is None or parent.children is None:
+            return None
+        return parent.children.get(name)
+
+    # -- applying one layer ------------------------------------------------
+
+    def apply_layer(self, layer: int, entries: Iterable[TarEntry]) -> None:
+        additions: list[tuple[str, TarEntry]] = []
+        whiteouts: list[tuple[str, str]] = []
+        opaque_dirs: list[str] = []
+        for entry in entries:
+            path = clean_path(entry.path)
+            if path is None:
+                self.warn(f"layer {layer}: refusing entry {entry.path!r}: path leaves the root")
+                continue
+            if entry.path.startswith("/") and path:
+                self.warn(f"layer {layer}: removing leading '/' from {entry.path!r}")
+            parent, _, name = path.rpartition("/")
+            if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split("/")):
+                # Nothing can live below a whiteout name; aufs kept its own
+                # bookkeeping there (".wh..wh.plnk/..."), which is not content.
+                if not parent.startswith(AUFS_META_PREFIX):
+                    self.warn(f"layer {layer}: ignoring {entry.path!r}: inside a whiteout name")
+                continue
+            if name == OPAQUE_MARKER:
+                opaque_dirs.append(parent)
+            elif name.startswith(AUFS_META_PREFIX):
+                continue
+            elif name.startswith(WHITEOUT_PREFIX):
+                victim = name[len(WHITEOUT_PREFIX) :]
+                if victim in ("", ".", ".."):
+                    self.warn(f"layer {layer}: ignoring whiteout {entry.path!r}: names no entry")
+                    continue
+                whiteouts.append((parent, victim))
+            else:
+                additions.append((path, entry))
+
+        # Removals first, and only of what lower layers made (image-spec).
+        for parent in opaque_dirs:
+            directory = self._resolve_dir(parent.split("/") if parent else [], None)
+            if directory is not None and directory.children is not None:
+                directory.children.clear()
+        for parent, victim in whiteouts:
+            directory = self._resolve_dir(parent.split("/") if parent else [], None)
+            if directory is not None and directory.children is not None:
+                directory.children.pop(victim, None)
+        # An opaque directory exists in this layer even if nothing else says so.
+        for parent in opaque_dirs:
+            self._resolve_dir(parent.split("/") if parent else [], layer)
+
+        for path, entry in additions:
+            self._add(layer, path, entry)
+
+    def _add(self, layer: int, path: str, entry: TarEntry) -> None:
+        if path == "":
+            # The root entry ("./") only carries the root directory's attributes.
+            if entry.type is not EntryType.DIRECTORY:
+                self.warn(f"layer {layer}: ignoring non-directory entry for the root")
+                return
+            self._set_dir_attrs(self.root, entry, layer)
+            return
+        parent_path, _, name = path.rpartition("/")
+        parent = self._resolve_dir(parent_path.split("/") if parent_path else [], layer)
+        assert parent is not None and parent.children is not None
+        existing = parent.children.get(name)
+        if entry.type is EntryType.DIRECTORY:
+            if existing is not None and existing.is_dir:
+                self._set_dir_attrs(existing, entry, layer)
+            else:
+                parent.children[name] = node_from_entry(entry, layer)
+        elif entry.type is EntryType.HARDLINK:
+            target_path = clean_path(entry.linkname)
+            target = self._lookup(target_path) if target_path is not None else None
+            if target is None or target.is_dir:
+                what = "a directory" if target is not None else "a missing entry"
+                self.warn(
+                    f"layer {layer}: dropping hardlink {path!r} -> {entry.linkname!r}: "
+                    f"target is {what}"
+                )
+                return
+            parent.children[name] = target
+        else:
+            parent.children[name] = node_from_entry(entry, layer)
+
+    @staticmethod
+    def _set_dir_attrs(directory: Node, entry: TarEntry, layer: int) -> None:
+        directory.mode = entry.mode & 0o7777
+        directory.uid = entry.uid
+        directory.gid = entry.gid
+        directory.mtime_ns = entry.mtime_ns
+        directory.xattrs = dict(entry.xattrs)
+        directory.layer = layer
+
+
+def merge_layers(layers: Iterable[Iterable[TarEntry]], warn: Warn) -> Node:
+    """Apply the layers (base first) and return the merged root directory."""
+    merger = _Merger(warn)
+    for index, entries in enumerate(layers):
+        merger.apply_layer(index, entries)
+    return merger.root
