@@ -1,0 +1,59 @@
+"""File contents served from the layers, including sparse files.
+
+Nothing is extracted: a regular file is a byte range of its layer's
+uncompressed stream (``Node.data_offset``), read through the layer's
+:class:`~imagefs.layerio.LayerData`. Blocking: every read may decompress, so
+callers on an event loop run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import LayerError
+from .layerio import LayerData
+from .overlay import Node
+
+
+class ContentReader:
+    """Reads file data for merged-tree nodes from the image's layers."""
+
+    def __init__(self, layers: Sequence[LayerData], layer_names: Sequence[str]) -> None:
+        self._layers = layers
+        self._names = layer_names
+
+    def read(self, node: Node, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` of a regular file (blocking)."""
+        if offset >= node.size or size <= 0:
+            return b""
+        size = min(size, node.size - offset)
+        if node.sparse is None:
+            return self._pread(node, node.data_offset + offset, size)
+        return self._read_sparse(node, offset, size)
+
+    def _pread(self, node: Node, layer_offset: int, size: int) -> bytes:
+        data = self._layers[node.layer].pread(layer_offset, size)
+        if len(data) != size:
+            raise LayerError(
+                f"layer {self._names[node.layer]}: file data ends early "
+                f"(wanted {size} bytes at {layer_offset}, got {len(data)})"
+            )
+        return data
+
+    def _read_sparse(self, node: Node, offset: int, size: int) -> bytes:
+        # GNU sparse: the data segments (offset_in_file, length) are stored back
+        # to back from data_offset; everything between them is a hole of zeros.
+        assert node.sparse is not None
+        out = bytearray(size)
+        end = offset + size
+        stored = node.data_offset
+        for seg_offset, seg_length in node.sparse:
+            seg_end = seg_offset + seg_length
+            lo, hi = max(offset, seg_offset), min(end, seg_end)
+            if lo < hi:
+                chunk = self._pread(node, stored + (lo - seg_offset), hi - lo)
+                out[lo - offset : hi - offset] = chunk
+            stored += seg_length
+            if seg_offset >= end:
+                break
+        return bytes(out)

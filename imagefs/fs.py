@@ -1,0 +1,237 @@
+"""The FUSE file system: a thin pyfuse3 adapter over :class:`MergedTree`.
+
+Every handler answers from the in-memory tree (point look-ups run on the
+event loop) or, for file data, from :class:`ContentReader` in a worker thread
+(decompression blocks). Only :class:`pyfuse3.FUSEError` leaves a handler: the
+``_errors`` decorator turns anything unexpected into ``EIO`` with a log line,
+so one bad read never takes the mount down.
+
+Nothing in an image ever changes, so the kernel may cache everything for as
+long as it likes: entries and attributes get long timeouts and open files
+``keep_cache``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from .content import ContentReader
+from .entry import EntryType
+from .errors import ImageFSError
+from .tree import Inode, MergedTree
+
+log = logging.getLogger(__name__)
+
+# The content never changes while mounted: let the kernel keep what it learns.
+CACHE_TIMEOUT = 365 * 24 * 3600.0
+BLOCK_SIZE = 4096
+# Decompression threads at once; more only queue behind the GIL and the CPUs.
+READ_THREADS = 4
+
+_TYPE_BITS = {
+    EntryType.FILE: stat.S_IFREG,
+    EntryType.DIRECTORY: stat.S_IFDIR,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHAR_DEVICE: stat.S_IFCHR,
+    EntryType.BLOCK_DEVICE: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _errors(
+    handler: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Let FUSEError through; log anything else and answer EIO."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ImageFSError as exc:
+            log.error("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except Exception:
+            log.exception("%s failed unexpectedly", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class ImageOperations(pyfuse3.Operations):
+    """Read-only pyfuse3 operations serving one merged image tree."""
+
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: MergedTree, content: ContentReader) -> None:
+        super().__init__()
+        self.tree = tree
+        self.content = content
+        self._read_limiter = trio.CapacityLimiter(READ_THREADS)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.tree.get(ino)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return inode
+
+    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        node = inode.node
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.InodeT(inode.ino)
+        attr.generation = 0
+        attr.entry_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_mode = pyfuse3.ModeT(_TYPE_BITS[node.type] | node.mode)
+        attr.st_nlink = inode.nlink
+        attr.st_uid = node.uid
+        attr.st_gid = node.gid
+        attr.st_rdev = node.rdev
+        attr.st_size = node.size
+        attr.st_blksize = BLOCK_SIZE
+        stored = node.size if node.sparse is None else sum(n for _, n in node.sparse)
+        attr.st_blocks = (stored + 511) // 512
+        attr.st_atime_ns = node.mtime_ns
+        attr.st_mtime_ns = node.mtime_ns
+        attr.st_ctime_ns = node.mtime_ns
+        return attr
+
+    # -- metadata -------------------------------------------------------------
+
+    @_errors
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = self.tree.lookup(parent_inode, name)
+        if inode is None:
+            # A negative entry with a timeout lets the kernel cache "absent"
+            # too (PATH searches, shared-library probing).
+            attr = pyfuse3.EntryAttributes()
+            attr.st_ino = pyfuse3.InodeT(0)
+            attr.entry_timeout = CACHE_TIMEOUT
+            return attr
+        return self.attributes(inode)
+
+    @_errors
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.attributes(self._inode(inode))
+
+    @_errors
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode).node
+        if node.type is not EntryType.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        # Every inode lives as long as the mount: nothing to release.
+        return None
+
+    @_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = BLOCK_SIZE
+        data.f_frsize = BLOCK_SIZE
+        data.f_blocks = (self.tree.total_size + BLOCK_SIZE - 1) // BLOCK_SIZE
+        data.f_bfree = 0
+        data.f_bavail = 0
+        data.f_files = self.tree.count
+        data.f_ffree = 0
+        data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # -- directories ----------------------------------------------------------
+
+    @_errors
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        if self._inode(inode).listing is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return pyfuse3.FileHandleT(inode)
+
+    @_errors
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        # Offsets are positions in a fixed list (".", "..", then children in
+        # name order), so they stay valid across calls and for telldir().
+        directory = self._inode(fh)
+        listing = directory.listing
+        assert listing is not None
+        position = start_id
+        while position < len(listing) + 2:
+            if position == 0:
+                name, target = b".", directory
+            elif position == 1:
+                name, target = b"..", self._inode(directory.parent)
+            else:
+                name, ino = listing[position - 2]
+                target = self._inode(ino)
+            if not pyfuse3.readdir_reply(
+                token, pyfuse3.FileNameT(name), self.attributes(target), position + 1
+            ):
+                break
+            position += 1
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    # -- files ----------------------------------------------------------------
+
+    @_errors
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        node = self._inode(inode).node
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.type is not EntryType.FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), keep_cache=True)
+
+    @_errors
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        node = self._inode(fh).node
+        return await trio.to_thread.run_sync(
+            self.content.read, node, off, size, limiter=self._read_limiter
+        )
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    # -- extended attributes -------------------------------------------------
+
+    @_errors
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        value = self._inode(inode).node.xattrs.get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @_errors
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in self._inode(inode).node.xattrs]

@@ -1,0 +1,97 @@
+"""From a resolved :class:`Image` to a servable tree: scan, merge, open.
+
+Each layer is read once, sequentially: its blob digest is verified while the
+tar headers are indexed. The merged tree is then frozen, and each layer gets a
+random-access reader for file data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .content import ContentReader
+from .entry import TarEntry
+from .errors import ImageFSError
+from .image import Image, Layer
+from .layerio import LayerData, open_layer_data, open_layer_stream
+from .overlay import merge_layers
+from .progress import Progress
+from .tarscan import scan_tar
+from .tree import MergedTree, freeze
+
+log = logging.getLogger(__name__)
+
+_PROGRESS_EVERY = 512  # entries between progress updates
+
+
+def short_digest(digest: str) -> str:
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{algorithm}:{hexdigest[:12]}"
+
+
+@dataclass
+class LoadedImage:
+    """An image ready to serve. Owns the layer readers: call :meth:`close`."""
+
+    image: Image
+    tree: MergedTree
+    content: ContentReader
+    _resources: ExitStack = field(repr=False)
+
+    def close(self) -> None:
+        self._resources.close()
+
+
+def scan_layer(
+    layer: Layer, index: int, count: int, warn: Callable[[str], None], progress: Progress
+) -> list[TarEntry]:
+    """Index one layer's tar headers, verifying its digest (blocking)."""
+    name = short_digest(layer.descriptor.digest)
+    progress.start(f"layer {index + 1}/{count} {name}")
+    entries: list[TarEntry] = []
+    try:
+        with open_layer_stream(layer) as stream:
+            for entry in scan_tar(stream, lambda msg: warn(f"layer {name}: {msg}")):
+                entries.append(entry)
+                if len(entries) % _PROGRESS_EVERY == 0:
+                    progress.update(len(entries), stream.tell())
+            position = stream.tell()
+    except ImageFSError as exc:
+        progress.finish(len(entries), 0)
+        raise type(exc)(f"layer {index + 1}/{count} ({layer.descriptor.digest}): {exc}") from exc
+    progress.finish(len(entries), position)
+    return entries
+
+
+def load_image(
+    image: Image,
+    *,
+    cache_dir: Path | None,
+    warn: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+) -> LoadedImage:
+    """Scan and merge ``image``'s layers and open them for reading (blocking)."""
+    warn = warn or log.warning
+    progress = progress or Progress(False)
+    count = len(image.layers)
+    layer_entries = [
+        scan_layer(layer, index, count, warn, progress) for index, layer in enumerate(image.layers)
+    ]
+    tree = freeze(merge_layers(layer_entries, warn))
+    del layer_entries
+    resources = ExitStack()
+    try:
+        readers: list[LayerData] = []
+        for layer in image.layers:
+            reader = open_layer_data(layer, str(cache_dir) if cache_dir else None)
+            resources.callback(reader.close)
+            readers.append(reader)
+    except BaseException:
+        resources.close()
+        raise
+    names = [layer.descriptor.digest for layer in image.layers]
+    return LoadedImage(image, tree, ContentReader(readers, names), resources)

@@ -1,0 +1,289 @@
+"""Mount lifecycle: prepare, mount, report readiness, serve, unmount.
+
+``imagefs mount`` must return only once the mount is live, and must report
+every error that happens before that (bad source, corrupt layer, busy mount
+point) on its own stderr with a non-zero exit. So the process forks *first*,
+before any thread exists (forking a process that runs decompression threads
+is unsafe): the child does all the work and writes one status line into a
+pipe, ``ok`` or ``error <message>``; the parent waits for that line and exits
+accordingly. The child then detaches its stdio and serves until unmounted or
+signalled. With ``--foreground`` there is no fork.
+
+SIGTERM, SIGINT and SIGHUP end the FUSE main loop and unmount cleanly; an
+unmount from outside (``imagefs umount``, ``fusermount3 -u``) ends it too.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import traceback
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .cachedir import ensure_cache_dir
+from .errors import ImageFSError, MountError
+from .fs import ImageOperations
+from .image import Platform
+from .loader import load_image
+from .progress import Progress
+from .sources import open_image
+
+log = logging.getLogger("imagefs")
+
+# Read-only always; nosuid/nodev because the image may be hostile: a setuid
+# binary or a device node inside it must not act as one on this host.
+BASE_FUSE_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions", "subtype=imagefs"})
+
+
+@dataclass
+class MountRequest:
+    source: str
+    mountpoint: Path
+    image: str | None = None
+    platform: Platform | None = None
+    foreground: bool = False
+    allow_other: bool = False
+    debug: bool = False
+    quiet: bool = False
+    cache_dir: Path | None = None
+    log_file: Path | None = None
+    extra_fuse_options: frozenset[str] = field(default_factory=frozenset)
+
+    def fuse_options(self) -> set[str]:
+        # fsname shows as the first column of /proc/mounts: keep the source
+        # readable but free of the separators the kernel's option parser uses.
+        fsname = "".join("_" if c in ", \t\n\\" else c for c in self.source)
+        options = set(BASE_FUSE_OPTIONS) | {f"fsname={fsname}"} | set(self.extra_fuse_options)
+        if self.allow_other:
+            options.add("allow_other")
+        return options
+
+
+def check_mountpoint(path: Path) -> None:
+    """Refuse a missing, non-directory or already mounted mount point."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mount point {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"mount point {path} is a stale FUSE mount; run 'imagefs umount {path}'"
+            ) from None
+        raise MountError(f"mount point {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"mount point {path} is already a mount point (busy)")
+
+
+def _configure_logging(request: MountRequest) -> logging.Handler:
+    """Log to stderr until detached; returns the stderr handler to swap later."""
+    level = logging.DEBUG if request.debug else logging.INFO
+    log.setLevel(level)
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("imagefs: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    if request.log_file is not None:
+        file_handler = logging.FileHandler(request.log_file)
+        file_handler.setFormatter(
+            logging.Formatter("%(asctime)s imagefs[%(process)d] %(levelname)s: %(message)s")
+        )
+        log.addHandler(file_handler)
+    return handler
+
+
+def _detach_logging(stderr_handler: logging.Handler, request: MountRequest) -> None:
+    """After detaching, log to syslog (when no log file was given)."""
+    log.removeHandler(stderr_handler)
+    if request.log_file is None and os.path.exists("/dev/log"):
+        syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        syslog.setFormatter(logging.Formatter("imagefs[%(process)d]: %(levelname)s: %(message)s"))
+        log.addHandler(syslog)
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+async def _serve_until_stopped() -> bool:
+    """Run the FUSE loop; True if a signal stopped it (so we must unmount)."""
+    stopped_by_signal = False
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal stopped_by_signal
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("received %s, unmounting", signal.Signals(signum).name)
+                stopped_by_signal = True
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return stopped_by_signal
+
+
+def serve(request: MountRequest, ready_fd: int | None) -> None:
+    """Open, mount and serve the image; blocks until unmounted.
+
+    ``ready_fd`` (daemon mode) receives ``ok`` once the mount is live; errors
+    before that propagate to the caller, which reports them.
+    """
+    stderr_handler = _configure_logging(request)
+    with ExitStack() as stack:
+        image = open_image(request.source, image=request.image, platform=request.platform)
+        cache_dir = ensure_cache_dir(request.cache_dir) if request.cache_dir else None
+        loaded = load_image(
+            image,
+            cache_dir=cache_dir,
+            warn=log.warning,
+            progress=Progress(enabled=not request.quiet),
+        )
+        stack.callback(loaded.close)
+        operations = ImageOperations(loaded.tree, loaded.content)
+        check_mountpoint(request.mountpoint)
+        try:
+            pyfuse3.init(operations, str(request.mountpoint), request.fuse_options())
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount on {request.mountpoint}: {exc}") from None
+        unmount = True
+        try:
+            log.info(
+                "mounted %s on %s (%d layers, %d inodes)",
+                request.source,
+                request.mountpoint,
+                len(image.layers),
+                loaded.tree.count,
+            )
+            if ready_fd is not None:
+                os.write(ready_fd, b"ok\n")
+                os.close(ready_fd)
+                _detach_logging(stderr_handler, request)
+                _detach_stdio()
+            unmount = trio.run(_serve_until_stopped)
+        finally:
+            pyfuse3.close(unmount=unmount)
+            log.info("unmounted %s", request.mountpoint)
+
+
+def _child(request: MountRequest, ready_fd: int) -> int:
+    # A new session: the daemon must not die with the terminal that started it.
+    os.setsid()
+    try:
+        serve(request, ready_fd)
+    except ImageFSError as exc:
+        if request.debug:
+            traceback.print_exc()
+        _report(ready_fd, str(exc))
+        return 1
+    except BaseException as exc:
+        if request.debug:
+            traceback.print_exc()
+        _report(ready_fd, f"internal error: {exc!r} (run with --debug for details)")
+        return 2
+    return 0
+
+
+def _report(ready_fd: int, message: str) -> None:
+    try:
+        os.write(ready_fd, f"error {message}\n".encode(errors="replace"))
+    except OSError:
+        pass  # the mount was already live and reported; the log has the rest
+
+
+def mount(request: MountRequest) -> None:
+    """Mount and return once the mount is live (or serve, with --foreground)."""
+    check_mountpoint(request.mountpoint)
+    if request.foreground:
+        serve(request, None)
+        return
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's exit status is checked by the parent
+        os.close(read_fd)
+        code = 1
+        try:
+            code = _child(request, write_fd)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    status = b""
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            status = pipe.readline()
+    except KeyboardInterrupt:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        raise
+    if status.startswith(b"ok"):
+        return
+    os.waitpid(pid, 0)
+    message = status.decode(errors="replace").removeprefix("error ").strip()
+    raise MountError(message or "the mount daemon exited before the mount was ready")
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+# mountinfo writes space, tab, newline and backslash as octal escapes (\040).
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _mount_fstype(path: Path) -> str | None:
+    """The file-system type mounted exactly at ``path``, from mountinfo."""
+    target = os.path.realpath(path)
+    fstype = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            mount_point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4])
+            if mount_point == target:
+                fstype = fields[separator + 1]  # the last one mounted here wins
+    return fstype
+
+
+def umount(mountpoint: Path, lazy: bool = False) -> None:
+    """Unmount an imagefs mount, including a stale one whose daemon died."""
+    stale = _is_stale(mountpoint)
+    fstype = _mount_fstype(mountpoint)
+    if fstype is None:
+        raise MountError(f"{mountpoint} is not mounted")
+    if not fstype.startswith("fuse"):
+        raise MountError(f"{mountpoint} is not a FUSE mount ({fstype})")
+    command = ["fusermount3", "-u"]
+    if lazy or stale:
+        # A dead daemon leaves "Transport endpoint is not connected": only a
+        # lazy unmount detaches such a mount without waiting on it.
+        command.append("-z")
+    result = subprocess.run(
+        [*command, str(mountpoint)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise MountError(f"cannot unmount {mountpoint}: {detail}")
