@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pyfuse3
 import pytest
@@ -36,10 +38,10 @@ class BytesLayer:
         pass
 
 
-def entry(path: str, kind: EntryType, **kw: object) -> TarEntry:
-    fields: dict[str, object] = {"mode": 0o644, "uid": 0, "gid": 0, "size": 0, "mtime_ns": 5}
+def entry(path: str, kind: EntryType, **kw: Any) -> TarEntry:
+    fields: dict[str, Any] = {"mode": 0o644, "uid": 0, "gid": 0, "size": 0, "mtime_ns": 5}
     fields.update(kw)
-    return TarEntry(path=path, type=kind, **fields)  # type: ignore[arg-type,unused-ignore]
+    return TarEntry(path=path, type=kind, **fields)
 
 
 def make_ops(fail: bool = False) -> ImageOperations:
@@ -64,9 +66,10 @@ def make_ops(fail: bool = False) -> ImageOperations:
 
 
 CTX = pyfuse3.RequestContext()
+T = TypeVar("T")
 
 
-def run(coro_fn, *args):  # type: ignore[no-untyped-def]
+def run(coro_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return trio.run(coro_fn, *args)
 
 
