@@ -1,8 +1,7 @@
 """Real FUSE mounts for tests: mount with the CLI, always unmount.
 
-Tests that need a mount call :func:`require_fuse` first: without /dev/fuse they
-skip on a developer machine, but under ``CI=true`` they fail, because CI must
-never silently skip the file-system tests.
+:func:`mounted` calls :func:`tests.needs.require_fuse` first, so without
+/dev/fuse a test skips on a developer machine but fails under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -15,18 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from tests.needs import require_fuse
 
 IMAGEFS = [sys.executable, "-m", "imagefs"]
-
-
-def require_fuse() -> None:
-    usable = os.path.exists("/dev/fuse") and os.access("/dev/fuse", os.R_OK | os.W_OK)
-    if usable:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("/dev/fuse is not usable, and CI=true forbids skipping FUSE tests")
-    pytest.skip("/dev/fuse is not usable here")
 
 
 def run_imagefs(*args: str | Path, check: bool = False) -> subprocess.CompletedProcess[str]:

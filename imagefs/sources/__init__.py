@@ -1,0 +1,92 @@
+"""Local image sources: SOURCE argument -> :class:`imagefs.image.Image`.
+
+Public surface::
+
+    open_image(source, *, image=None, platform=None) -> Image
+    parse_platform("linux/arm64/v8") -> Platform
+    host_platform() -> Platform
+    is_local_source(source) -> bool
+
+Modules: ``spec`` (SOURCE parsing), ``tarmembers`` (outer tar index),
+``store`` (directory / tar member access), ``manifest`` (JSON validation,
+digests, platform selection), ``ocilayout`` (OCI layouts and oci-archives),
+``dockerarchive`` (``docker save`` shapes), ``names`` (Docker name
+normalisation), ``platform``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ..errors import SourceError, SourceNotFoundError, UsageError
+from ..image import Image, Platform
+from .dockerarchive import MANIFEST_JSON, open_docker_archive
+from .ocilayout import INDEX_FILE, LAYOUT_FILE, open_layout
+from .platform import host_platform, parse_platform
+from .spec import is_local_source, parse_source
+from .store import DirStore, TarStore
+from .tarmembers import TarMembers
+
+__all__ = ["host_platform", "is_local_source", "open_image", "parse_platform"]
+
+
+def open_image(source: str, *, image: str | None = None, platform: Platform | None = None) -> Image:
+    """Resolve SOURCE (see :mod:`imagefs.sources.spec`) to an Image.
+
+    ``image`` selects an image by name or tag, like a trailing ``:REF`` in
+    SOURCE. ``platform`` chooses within image indexes; leave it None unless
+    the user asked for one: None means the host's platform for indexes, and
+    a docker save archive then yields the image its manifest.json describes.
+    Blocks: reads the archive's headers and the manifests, never layer data.
+    """
+    spec = parse_source(source)
+    ref = spec.ref
+    if image is not None:
+        if ref is not None and ref != image:
+            raise UsageError(f"{source}: names image {ref!r} but --image says {image!r}")
+        ref = image
+    wanted = platform if platform is not None else host_platform()
+    path = os.path.abspath(spec.path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise SourceNotFoundError(f"{spec.path}: no such file or directory") from exc
+    except OSError as exc:
+        raise SourceError(f"{spec.path}: {exc.strerror or exc}") from exc
+
+    if stat.S_ISDIR(st.st_mode):
+        if spec.transport not in (None, "oci"):
+            raise SourceError(f"{spec.path}: is a directory, not a {spec.transport} tar file")
+        store = DirStore(path)
+        if store.locate(LAYOUT_FILE) is None:
+            raise SourceError(f"{spec.path}: not an OCI image layout (no {LAYOUT_FILE} file)")
+        return open_layout(store, source=source, transport="oci", ref=ref, platform=wanted)
+
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceError(f"{spec.path}: neither a directory nor a regular file")
+    if spec.transport == "oci":
+        raise SourceError(f"{spec.path}: oci: needs a layout directory; for a tar use oci-archive:")
+    tar = TarStore(TarMembers.index(path))
+    has_manifest_json = tar.locate(MANIFEST_JSON) is not None
+    has_layout = tar.locate(LAYOUT_FILE) is not None and tar.locate(INDEX_FILE) is not None
+    transport = spec.transport
+    if transport is None:
+        if has_manifest_json:
+            # Docker 25+ and containerd exports carry both; manifest.json's
+            # RepoTags select the image, the OCI manifest describes its layers.
+            transport = "docker-archive"
+        elif has_layout:
+            transport = "oci-archive"
+        else:
+            raise SourceError(
+                f"{spec.path}: tar holds neither manifest.json (docker save) "
+                "nor index.json and oci-layout (OCI archive)"
+            )
+    if transport == "docker-archive":
+        if not has_manifest_json:
+            raise SourceError(f"{spec.path}: no manifest.json: not a docker save archive")
+        return open_docker_archive(tar, source=source, ref=ref, platform=platform)
+    if not has_layout:
+        raise SourceError(f"{spec.path}: no index.json and oci-layout: not an OCI archive")
+    return open_layout(tar, source=source, transport="oci-archive", ref=ref, platform=wanted)

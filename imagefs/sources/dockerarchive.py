@@ -1,0 +1,239 @@
+"""``docker save`` archives: ``manifest.json`` plus configs and layers, read in place.
+
+Three shapes are seen in the wild, all starting from ``manifest.json``
+(``[{"Config": ..., "RepoTags": [...], "Layers": [...]}]``, Docker's
+``image/tarexport``):
+
+* legacy (Docker < 25, skopeo): ``<hex>.json`` configs, uncompressed layers
+  at ``<id>/layer.tar`` (skopeo: ``<diffid>.tar``, with ``<id>/layer.tar``
+  symlink members pointing at them). No layer digest exists other than the
+  diff_id, so the layer descriptor carries the diff_id.
+* Docker 25+: the same manifest.json whose paths are ``blobs/sha256/<hex>``
+  of an OCI layout stored alongside (``index.json``, ``oci-layout``);
+  layers are uncompressed.
+* containerd image store exports: like Docker 25+ but with the registry's
+  compressed blobs, a possibly multi-platform index whose other platforms'
+  blobs are absent, and manifest.json written after the blobs.
+
+manifest.json selects the image (by ``RepoTags``); when an OCI manifest in
+the archive has the same config, its descriptors are used so that layer
+media types and compressed digests are known.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import (
+    BlobMissingError,
+    ManifestError,
+    PlatformError,
+    SourceError,
+    SourceNotFoundError,
+)
+from ..image import Descriptor, Image, Layer, Platform
+from .manifest import (
+    DOCKER_LAYER_TAR,
+    blob_name,
+    compute_digest,
+    expect_object,
+    get_list,
+    load_json,
+    parse_config,
+    parse_digest,
+    verify_digest,
+)
+from .names import names_match
+from .ocilayout import (
+    INDEX_FILE,
+    build_image,
+    entry_names,
+    find_manifest_by_config,
+    is_layout,
+    read_layout_index,
+    resolve_manifest,
+)
+from .platform import match_rank
+from .store import Store, read_range
+
+MANIFEST_JSON = "manifest.json"
+
+# Paths that name their content's digest: legacy "<hex>.json" configs (the
+# image ID is the config's sha256), and OCI layout "blobs/<alg>/<hex>".
+_LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
+_BLOB_PATH_RE = re.compile(r"^blobs/([a-z0-9]+)/([0-9a-f]+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveEntry:
+    """One element of manifest.json."""
+
+    config: str
+    repo_tags: tuple[str, ...]
+    layers: tuple[str, ...]
+
+    def label(self) -> str:
+        return ", ".join(self.repo_tags) if self.repo_tags else f"untagged ({self.config})"
+
+
+def _check_path(value: object, where: str) -> str:
+    """A manifest.json path must stay inside the archive: relative, no ``..``."""
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"{where}: path must be a non-empty string")
+    if value.startswith("/") or ".." in value.split("/") or "\\" in value:
+        raise ManifestError(f"{where}: refusing path {value!r} (absolute or with '..')")
+    return value
+
+
+def read_manifest_json(store: Store) -> list[ArchiveEntry]:
+    where = store.where(MANIFEST_JSON)
+    rng = store.locate(MANIFEST_JSON)
+    if rng is None:
+        raise ManifestError(f"{where}: missing: not a docker save archive")
+    doc = load_json(read_range(rng, where), where)
+    if not isinstance(doc, list):
+        raise ManifestError(f"{where}: must be a JSON array of images")
+    entries: list[ArchiveEntry] = []
+    for i, raw in enumerate(doc):
+        ewhere = f"{where}: [{i}]"
+        obj = expect_object(raw, ewhere, "entry")
+        config = _check_path(obj.get("Config"), f"{ewhere}: Config")
+        tags = get_list(obj, "RepoTags", ewhere, required=False)
+        if not all(isinstance(t, str) for t in tags):
+            raise ManifestError(f"{ewhere}: RepoTags must be strings")
+        layers = tuple(
+            _check_path(p, f"{ewhere}: Layers[{j}]")
+            for j, p in enumerate(get_list(obj, "Layers", ewhere))
+        )
+        entries.append(ArchiveEntry(config, tuple(tags), layers))
+    if not entries:
+        raise ManifestError(f"{where}: lists no images")
+    return entries
+
+
+def _select(entries: list[ArchiveEntry], ref: str | None, where: str) -> ArchiveEntry:
+    """``ref`` is a name matched against RepoTags, or ``@N`` (skopeo's source index)."""
+    if ref is None:
+        if len(entries) == 1:
+            return entries[0]
+        raise SourceError(
+            f"{where}: holds several images: {'; '.join(e.label() for e in entries)}; "
+            "choose one with --image NAME:TAG"
+        )
+    if ref.startswith("@") and ref[1:].isdigit():
+        n = int(ref[1:])
+        if n >= len(entries):
+            raise SourceNotFoundError(f"{where}: no image {ref} (it holds {len(entries)})")
+        return entries[n]
+    for entry in entries:
+        if any(names_match(ref, tag) for tag in entry.repo_tags):
+            return entry
+    raise SourceNotFoundError(
+        f"{where}: no image named {ref!r}; available: {'; '.join(e.label() for e in entries)}"
+    )
+
+
+def _path_digest(path: str, where: str) -> str | None:
+    """The digest a manifest.json path names, if it names one."""
+    m = _LEGACY_CONFIG_RE.match(path)
+    if m:
+        return f"sha256:{m.group(1)}"
+    m = _BLOB_PATH_RE.match(path)
+    if m:
+        return parse_digest(f"{m.group(1)}:{m.group(2)}", f"{where}: {path}")
+    return None
+
+
+def open_docker_archive(
+    store: Store, *, source: str, ref: str | None, platform: Platform | None = None
+) -> Image:
+    """Resolve one image of a ``docker save`` archive.
+
+    manifest.json lists one config (one platform) per image, and that is the
+    image returned, whatever its platform. Only when ``platform`` is given
+    explicitly, differs from that config's, and the archive also carries an
+    OCI index (a containerd export of a multi-platform image) is the image
+    resolved through the index for ``platform`` instead.
+    """
+    mwhere = store.where(MANIFEST_JSON)
+    entry = _select(read_manifest_json(store), ref, mwhere)
+
+    cwhere = store.where(entry.config)
+    rng = store.locate(entry.config)
+    if rng is None:
+        raise BlobMissingError(f"{mwhere}: config {entry.config} is missing")
+    config_bytes = read_range(rng, cwhere)
+    named = _path_digest(entry.config, mwhere)
+    if named is not None:
+        verify_digest(config_bytes, named, cwhere, "config")
+    config_digest = named or compute_digest("sha256", config_bytes)
+    config = parse_config(config_bytes, cwhere)
+    if len(config.diff_ids) != len(entry.layers):
+        raise ManifestError(
+            f"{mwhere}: {entry.label()} has {len(entry.layers)} layers but its config "
+            f"lists {len(config.diff_ids)} diff_ids"
+        )
+
+    if platform is not None and match_rank(config.platform, platform) is None and is_layout(store):
+        return _open_other_platform(store, entry, ref, platform, source=source)
+
+    uses_blobs = any(_BLOB_PATH_RE.match(p) for p in (entry.config, *entry.layers))
+    if uses_blobs and is_layout(store):
+        found = find_manifest_by_config(store, config_digest)
+        if found is not None:
+            manifest_desc, manifest = found
+            if [blob_name(d.digest) for d in manifest.layers] != list(entry.layers):
+                raise ManifestError(
+                    f"{mwhere}: layers of {entry.label()} disagree with OCI manifest "
+                    f"{manifest_desc.digest}"
+                )
+            return build_image(
+                store, manifest_desc, manifest, source=source, transport="docker-archive"
+            )
+
+    layers: list[Layer] = []
+    for path, diff_id in zip(entry.layers, config.diff_ids, strict=True):
+        blob = store.locate(path)
+        if blob is None:
+            raise BlobMissingError(f"{mwhere}: layer {path} ({diff_id}) is missing")
+        # Legacy layers are uncompressed tars named only by their diff_id; a
+        # blobs/<alg>/<hex> path names its own bytes (which the layer reader
+        # verifies, sniffing compression from magic bytes).
+        digest = _path_digest(path, mwhere) or diff_id
+        layers.append(Layer(Descriptor(DOCKER_LAYER_TAR, digest, blob.length), blob, diff_id))
+    return Image(
+        source=source,
+        transport="docker-archive",
+        manifest_digest="",
+        config_digest=config_digest,
+        config=config.raw,
+        layers=tuple(layers),
+        platform=config.platform,
+    )
+
+
+def _open_other_platform(
+    store: Store, entry: ArchiveEntry, ref: str | None, platform: Platform, *, source: str
+) -> Image:
+    """The image of ``entry``'s name for ``platform``, through the OCI index.
+
+    containerd exports keep the image's whole index (``io.containerd.image.name``
+    / ``org.opencontainers.image.ref.name`` annotations name it); a platform
+    whose blobs were not exported ends in BlobMissingError.
+    """
+    index = read_layout_index(store)
+    iwhere = store.where(INDEX_FILE)
+    wanted_names = [ref] if ref is not None and not ref.startswith("@") else list(entry.repo_tags)
+    matches = [
+        d
+        for d in index.manifests
+        if any(names_match(w, n) for w in wanted_names for n in entry_names(d))
+    ]
+    if not matches:
+        raise PlatformError(
+            f"{store.where(MANIFEST_JSON)}: {entry.label()} is only available for its "
+            f"config's platform, not {platform}"
+        )
+    manifest_desc, manifest = resolve_manifest(store, matches[0], platform, iwhere)
+    return build_image(store, manifest_desc, manifest, source=source, transport="docker-archive")

@@ -1,0 +1,68 @@
+"""Parsing a local SOURCE argument: transport prefix, path, trailing reference.
+
+Accepted forms (the prefixes are skopeo's transport names)::
+
+    oci:PATH[:TAG]              OCI image layout directory
+    oci-archive:PATH[:TAG]      OCI image layout in a tar
+    docker-archive:PATH[:REF]   docker save tar; REF is NAME:TAG or @N (N-th image)
+    PATH[:REF]                  any of the above, detected from the contents
+
+A path may itself contain ``:``. skopeo splits at the first ``:``; here the
+longest prefix that exists on disk is the path, so ``a:b.tar:x:1`` works when
+``a:b.tar`` exists, and ``reg:5000/img:1`` style references keep their colons.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    transport: str | None  # one of TRANSPORTS, or None to detect from the contents
+    path: str
+    ref: str | None  # tag / name / "@N", or None
+
+
+def split_transport(source: str) -> tuple[str | None, str]:
+    for transport in TRANSPORTS:
+        if source.startswith(transport + ":"):
+            return transport, source[len(transport) + 1 :]
+    return None, source
+
+
+def parse_source(source: str) -> SourceSpec:
+    """Split SOURCE; does not check that the path exists (a missing one keeps no ref)."""
+    if not source:
+        raise UsageError("empty image source")
+    transport, rest = split_transport(source)
+    if not rest:
+        raise UsageError(f"{source}: missing path after '{transport}:'")
+    if os.path.lexists(rest):
+        return SourceSpec(transport, rest, None)
+    # Longest existing prefix before a ':' is the path, the rest the reference.
+    pos = rest.rfind(":")
+    while pos > 0:
+        prefix = rest[:pos]
+        if os.path.lexists(prefix):
+            return SourceSpec(transport, prefix, rest[pos + 1 :] or None)
+        pos = rest.rfind(":", 0, pos)
+    return SourceSpec(transport, rest, None)
+
+
+def is_local_source(source: str) -> bool:
+    """True when SOURCE names a local image (explicit transport, or an existing path).
+
+    Lets a caller tell ``./alpine.tar`` or ``layout:tag`` from a registry
+    reference such as ``alpine:3``.
+    """
+    transport, _ = split_transport(source)
+    if transport is not None:
+        return True
+    spec = parse_source(source) if source else None
+    return spec is not None and os.path.lexists(spec.path)
