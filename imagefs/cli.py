@@ -57,6 +57,8 @@ def parse_mount_options(text: str | None) -> tuple[set[str], dict[str, str]]:
     settings: dict[str, str] = {}
     for item in filter(None, (text or "").split(",")):
         key, has_value, value = item.partition("=")
+        if key.startswith("x-"):
+            continue  # fstab/systemd annotations (x-systemd.*) are not for us
         if has_value:
             if key not in ("image", "platform", "cache_dir", "log"):
                 raise UsageError(f"unknown mount option {key!r}")
@@ -67,8 +69,6 @@ def parse_mount_options(text: str | None) -> tuple[set[str], dict[str, str]]:
             flag = _MOUNT_OPTION_FLAGS[key]
             if flag:
                 flags.add(flag)
-        elif key.startswith("x-"):
-            continue  # fstab/systemd annotations (x-systemd.*) are not for us
         else:
             raise UsageError(f"unknown mount option {key!r}")
     return flags, settings
