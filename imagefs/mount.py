@@ -95,6 +95,8 @@ def _configure_logging(request: MountRequest) -> logging.Handler:
     log.setLevel(level)
     log.propagate = False
     handler = logging.StreamHandler(sys.stderr)
+    # The terminal gets warnings and errors; the log file and syslog get all.
+    handler.setLevel(logging.DEBUG if request.debug else logging.WARNING)
     handler.setFormatter(logging.Formatter("imagefs: %(levelname)s: %(message)s"))
     log.addHandler(handler)
     if request.log_file is not None:
@@ -243,8 +245,13 @@ def mount(request: MountRequest) -> None:
 
 
 def _is_stale(path: Path) -> bool:
+    """True if the FUSE daemon behind ``path`` is gone.
+
+    A directory read always reaches the daemon, whereas ``stat`` may be
+    answered from the kernel's attribute cache (our timeouts are long).
+    """
     try:
-        os.stat(path)
+        os.listdir(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -270,20 +277,21 @@ def _mount_fstype(path: Path) -> str | None:
 
 def umount(mountpoint: Path, lazy: bool = False) -> None:
     """Unmount an imagefs mount, including a stale one whose daemon died."""
-    stale = _is_stale(mountpoint)
     fstype = _mount_fstype(mountpoint)
     if fstype is None:
         raise MountError(f"{mountpoint} is not mounted")
     if not fstype.startswith("fuse"):
         raise MountError(f"{mountpoint} is not a FUSE mount ({fstype})")
-    command = ["fusermount3", "-u"]
-    if lazy or stale:
-        # A dead daemon leaves "Transport endpoint is not connected": only a
-        # lazy unmount detaches such a mount without waiting on it.
-        command.append("-z")
-    result = subprocess.run(
-        [*command, str(mountpoint)], capture_output=True, text=True, check=False
-    )
+    result = _fusermount(mountpoint, lazy)
+    if result.returncode != 0 and not lazy and _is_stale(mountpoint):
+        # A dead daemon leaves "Transport endpoint is not connected"; if the
+        # normal unmount is refused, detach it lazily: nothing can be served.
+        result = _fusermount(mountpoint, lazy=True)
     if result.returncode != 0:
-        detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        raise MountError(f"cannot unmount {mountpoint}: {detail}")
+        lines = result.stderr.strip().splitlines()
+        raise MountError(f"cannot unmount {mountpoint}: {lines[-1] if lines else 'failed'}")
+
+
+def _fusermount(mountpoint: Path, lazy: bool) -> subprocess.CompletedProcess[str]:
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)

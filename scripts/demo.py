@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests import builder  # noqa: E402
-from tests.builder import directory, file, symlink, whiteout  # noqa: E402
+from tests import builder
+from tests.builder import directory, file, symlink, whiteout
 
 IMAGEFS = [sys.executable, "-m", "imagefs"]
 OS_RELEASE = 'NAME="Demo Linux"\nID=demo\nVERSION_ID=1.0\n'
@@ -66,7 +66,7 @@ def main() -> int:
             run("ls", "-la", mountpoint, mountpoint / "srv/app")
             run("cat", mountpoint / "etc/os-release")
             run(mountpoint / "bin/hello", check=False)  # nosuid/noexec do not forbid plain exec
-            run("find", mountpoint, "-printf", "%M %u %7s %P\n")
+            run("find", mountpoint, "-printf", "%M %u %7s %P\\n")
             run("sha256sum", mountpoint / "srv/app/data.bin")
             print("\n# etc/app.conf was deleted by layer 2 (a whiteout), so it is not there:")
             run("ls", mountpoint / "etc", check=False)
