@@ -1,16 +1,122 @@
 """Reading layer blobs: compression detection, one sequential pass, random access.
 
-(Interface stub: the implementation replaces the bodies below.)
+A layer is read in two shapes:
+
+* :func:`open_layer_stream` - one sequential pass over the uncompressed tar
+  for the header scan, verifying the blob's digest on the way;
+* :func:`open_layer_data` - thread-safe ``pread`` at uncompressed offsets,
+  at a bounded cost per read, to serve file contents.
+
+Give both the same ``cache_dir`` and the pass also builds what random access
+needs (a gzip index, a zstd seek file), so ``open_layer_data`` only loads
+it. Without one, ``open_layer_data`` makes a pass of its own.
+
+Strategy, per compression
+-------------------------
+* **tar**: the pass reads headers with ``pread`` and skips file data by
+  moving its position; reads are ``pread`` on the blob range.
+* **gzip**: rapidgzip decodes with all cores and records a checkpoint (bit
+  offset and 32 KiB window) about every ``GZIP_CHUNK_SIZE`` (1 MiB) of
+  output. After the pass its index is exported in gztool format (windows
+  compressed, 0.22% of the tar), cached, and imported into a
+  single-threaded reader. A random read then decodes one ~1 MB chunk.
+  indexed_gzip was slower at both the index pass and random reads, and
+  does not decode in parallel.
+* **zstd**: a frame only decodes from its start, so reads go by frame. The
+  pass walks the frames. Small ones (<= 4 MiB) are read in place later. Big
+  ones (a single-frame layer is one big frame) are re-encoded during the
+  pass into 1 MiB independent frames (level 1, thread pool) in a cache
+  "seek file". Other options: a gzip-style checkpoint is not possible (the
+  decoder state is more than a window); an uncompressed copy takes 2.6x
+  the disk of the re-encoding; decoding from the start costs O(offset) per
+  read.
+
+A background thread hashes the blob range sequentially (sha256 at ~1.7 GB/s
+here with SHA-NI). That is cheaper than making the decoders hash: rapidgzip
+reads the compressed bytes out of order, and the plain tar pass never reads
+file data. Every error names the layer's digest: no zlib, zstd or
+rapidgzip exception escapes.
+
+Measurements
+------------
+2-core KVM (AMD EPYC), page cache warm. Test tar: /usr/share, include,
+bin, lib/x86_64-linux-gnu and lib/python3* (1.83 GB, 71,755 entries).
+``usrs.tar.gz`` is ``gzip -6`` (646 MB); ``usrs.tar.zst`` is
+``zstd -3 -T0`` (612 MB, one frame). Best of 3 interleaved runs; the
+machine was shared, so the spread was 10-40%.
+
+=====================================================  =======
+one pass over the layer                                seconds
+=====================================================  =======
+``gzip -dc usrs.tar.gz >/dev/null``                     9.31
+``rapidgzip -d -c -P 2 usrs.tar.gz | cat >/dev/null``   3.00
+rapidgzip Python API, readinto 4 MiB, chunk 4 MiB       2.32
+rapidgzip Python API, readinto 4 MiB, chunk 1 MiB       3.34
+indexed_gzip ``build_full_index`` (spacing 1 MiB)       5.07
+**scan_tar over open_layer_stream, gzip**               4.22
+... with cache_dir (exports the index)                  4.31
+``zstd -dc usrs.tar.zst >/dev/null``                    1.81
+zstandard ``stream_reader``, readinto 1 MiB             1.60
+**scan_tar over open_layer_stream, zstd**               2.10
+... with cache_dir (writes the 692 MB seek file)        5.40
+``tar -tf usrs.tar`` (GNU tar seeks over data)          0.15
+sha256 of usrs.tar in Python                            1.25
+**scan_tar over open_layer_stream, tar**                1.26
+=====================================================  =======
+
+Random access after the pass (open_layer_data from the cache, reads at
+random offsets, checked against the tar):
+
+* gzip: open 6 ms; 4 KiB read median 1.6 ms (p90 2.2); 128 KiB read median
+  1.7 ms (p90 3.0); sequential 128 KiB reads ~600 MiB/s. With
+  ``GZIP_CHUNK_SIZE`` = 4 MiB the pass is ~1 s faster (3.3 s), but a random
+  read costs ~6 ms, and the target is a 2 ms median for small files.
+  indexed_gzip took 14.6 ms per random 4 KiB read.
+* zstd: open 1 ms; 4 KiB read median 0.9 ms; 128 KiB read median 1.0 ms
+  (p90 2.1); sequential ~0.9-1.8 GiB/s.
+
+Memory: the gzip pass peaks at ~245 MB RSS, because rapidgzip buffers
+chunks in flight. About 65 MB of that stays with its allocator after the
+pass (it is reused, not leaked). Each open gzip reader caches up to 16
+decoded chunks (~20 MB), so at most ``MAX_OPEN_READERS`` stay open. The
+zstd pass peaks at 46 MB, and zstd reads share a 32 MB frame cache.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
+from .errors import BlobError, BlobMissingError, DigestMismatchError, LayerError, MediaTypeError
 from .image import Layer
+from .layerio_base import (
+    BlobHasher,
+    InUse,
+    cache_path,
+    check_blob,
+    digest_algorithm,
+    pread_exact,
+)
+from .layerio_gzip import GzipLayerData, GzipStream, load_index, save_index
+from .layerio_zstd import SeekableBuilder, ZstdLayerData, ZstdStream
+
+__all__ = [
+    "Compression",
+    "LayerData",
+    "LayerStream",
+    "detect_compression",
+    "open_layer_data",
+    "open_layer_stream",
+]
+
+log = logging.getLogger(__name__)
 
 
 class Compression(enum.Enum):
@@ -27,7 +133,10 @@ class LayerStream(Protocol):
         ...
 
     def skip(self, n: int) -> None:
-        """Advance ``n`` bytes (may seek; must still hash what it skips)."""
+        """Advance ``n`` bytes, stopping at the end of the stream (``tell`` shows where).
+
+        Skipped bytes are still hashed; compressed layers still decode them.
+        """
         ...
 
     def tell(self) -> int:
@@ -38,20 +147,332 @@ class LayerStream(Protocol):
 class LayerData(Protocol):
     """Thread-safe random access to a layer's uncompressed bytes."""
 
-    def pread(self, offset: int, size: int) -> bytes: ...
+    def pread(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``; fewer only at the end (blocking)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release descriptors and caches; waits for reads in progress."""
+        ...
+
+
+# Layer media types (OCI image-spec "layer" media types, Docker image
+# manifest v2 schema 2, and containerd's Docker-style zstd name) and what
+# they claim. The blob's magic bytes have the last word (see
+# detect_compression).
+_LAYER_MEDIA_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar": Compression.NONE,
+    "application/vnd.oci.image.layer.v1.tar+gzip": Compression.GZIP,
+    "application/vnd.oci.image.layer.v1.tar+zstd": Compression.ZSTD,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": Compression.NONE,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": Compression.GZIP,
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": Compression.ZSTD,
+    "application/vnd.docker.image.rootfs.diff.tar": Compression.NONE,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": Compression.GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": Compression.ZSTD,
+    "application/vnd.docker.image.rootfs.foreign.diff.tar": Compression.NONE,
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": Compression.GZIP,
+}
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _open_blob(layer: Layer) -> int:
+    try:
+        return layer.blob.open_fd()
+    except FileNotFoundError as exc:
+        raise BlobMissingError(
+            f"layer {layer.descriptor.digest}: {layer.blob.path} is missing"
+        ) from exc
+    except OSError as exc:
+        raise BlobError(
+            f"layer {layer.descriptor.digest}: cannot open {layer.blob.path}: {exc}"
+        ) from exc
+
+
+def _sniff(head: bytes) -> Compression:
+    if head.startswith(_GZIP_MAGIC):
+        return Compression.GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return Compression.ZSTD
+    if len(head) >= 4 and int.from_bytes(head[:4], "little") & 0xFFFFFFF0 == 0x184D2A50:
+        return Compression.ZSTD  # a zstd stream may start with a skippable frame
+    return Compression.NONE
 
 
 def detect_compression(layer: Layer) -> Compression:
-    raise NotImplementedError
+    """How the layer's blob is compressed.
+
+    The media type must be a layer type (MediaTypeError otherwise, e.g. for
+    encrypted layers), but the blob's first bytes decide: tools do mislabel
+    layers (``skopeo --dest-oci-accept-uncompressed-layers`` labels plain
+    tar as ``tar+gzip``). An empty blob is an empty tar.
+    """
+    media_type = layer.descriptor.media_type
+    declared = _LAYER_MEDIA_TYPES.get(media_type.split(";")[0].strip().lower())
+    if declared is None:
+        raise MediaTypeError(
+            f"layer {layer.descriptor.digest}: media type {media_type!r} is not a layer "
+            "type imagefs can read"
+        )
+    if layer.blob.length <= 0:
+        return Compression.NONE
+    fd = _open_blob(layer)
+    try:
+        head = os.pread(fd, min(4, layer.blob.length), layer.blob.offset)
+    finally:
+        os.close(fd)
+    actual = _sniff(head)
+    if actual is not declared:
+        log.debug(
+            "layer %s: media type %s but content is %s",
+            layer.descriptor.digest,
+            media_type,
+            actual.value,
+        )
+    return actual
+
+
+class _PlainStream:
+    """An uncompressed layer: headers read with pread, data skipped by seeking."""
+
+    def __init__(self, layer: Layer, fd: int) -> None:
+        self._fd = fd
+        self._base = layer.blob.offset
+        self._length = layer.blob.length
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self._length - self._pos)
+        if n <= 0:
+            return b""
+        data = pread_exact(self._fd, n, self._base + self._pos)
+        self._pos += len(data)
+        return data
+
+    def skip(self, n: int) -> None:
+        if n > 0:
+            self._pos = min(self._pos + n, self._length)
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _PlainLayerData:
+    """An uncompressed layer: pread on the blob range, never past its end."""
+
+    def __init__(self, layer: Layer) -> None:
+        self._fd = _open_blob(layer)
+        try:
+            check_blob(layer, self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._base = layer.blob.offset
+        self.size = layer.blob.length
+        self._in_use = InUse()
+
+    def pread(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError(f"negative offset or size ({offset}, {size})")
+        size = min(size, self.size - offset)
+        if size <= 0:
+            return b""
+        with self._in_use:
+            return pread_exact(self._fd, size, self._base + offset)
+
+    def close(self) -> None:
+        if self._in_use.close():
+            os.close(self._fd)
+
+    def __enter__(self) -> _PlainLayerData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _PassResult:
+    """What a finished pass leaves for open_layer_data."""
+
+    gzip_index: tuple[bytes, int] | None = None  # (gztool index, uncompressed size)
 
 
 @contextmanager
-def open_layer_stream(layer: Layer) -> Iterator[LayerStream]:
-    raise NotImplementedError
-    yield
+def _layer_pass(
+    layer: Layer,
+    compression: Compression,
+    *,
+    gzip_index_path: str | None = None,
+    want_gzip_index: bool = False,
+    seek_path: str | None = None,
+    result: _PassResult | None = None,
+) -> Iterator[_PlainStream | GzipStream | ZstdStream]:
+    """One verified sequential pass; optionally builds the random-access artifacts.
+
+    After the body: decode to the end (validating the whole compressed
+    stream), verify the digest, and only then publish the artifacts.
+    """
+    algorithm, _ = digest_algorithm(layer)
+    fd = _open_blob(layer)
+    try:
+        check_blob(layer, fd)
+        hasher = BlobHasher(layer, algorithm)
+        builder: SeekableBuilder | None = None
+        stream: _PlainStream | GzipStream | ZstdStream | None = None
+        index: tuple[bytes, int] | None = None
+        done = False
+        try:
+            if compression is Compression.GZIP:
+                stream = GzipStream(layer, fd)
+            elif compression is Compression.ZSTD:
+                if seek_path is not None:
+                    try:
+                        builder = SeekableBuilder(seek_path, layer.blob.length)
+                    except OSError as exc:  # the cache only saves time: go on without
+                        log.warning("cannot create %s: %s", seek_path, exc)
+                stream = ZstdStream(layer, fd, builder)
+            else:
+                stream = _PlainStream(layer, fd)
+            yield stream
+            if isinstance(stream, GzipStream):
+                index = stream.finish(want_gzip_index or gzip_index_path is not None)
+            elif isinstance(stream, ZstdStream):
+                stream.finish()
+            hasher.verify()
+            if index is not None:
+                if result is not None:
+                    result.gzip_index = index
+                if gzip_index_path is not None:
+                    try:
+                        save_index(gzip_index_path, *index)
+                    except OSError as exc:
+                        log.warning("cannot write %s: %s", gzip_index_path, exc)
+            if builder is not None:
+                builder.commit()
+            done = True
+        except LayerError as exc:
+            # A corrupt stream is most often a corrupt blob: say so if the
+            # digest disagrees (the hash only needs the rest of the raw bytes).
+            try:
+                hasher.verify()
+            except DigestMismatchError as mismatch:
+                raise mismatch from exc
+            except BlobError:
+                pass
+            raise
+        finally:
+            if not done:
+                hasher.cancel()
+                if builder is not None:
+                    builder.abort()
+            if isinstance(stream, GzipStream | ZstdStream):
+                stream.close()
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def open_layer_stream(layer: Layer, cache_dir: str | None = None) -> Iterator[LayerStream]:
+    """The layer's uncompressed bytes, for one sequential pass (blocking).
+
+    On normal exit the rest of the layer is decoded and the blob's digest
+    (sha256 or sha512) checked: CompressionError for a corrupt, truncated or
+    trailing-garbage stream, DigestMismatchError for wrong content or size
+    (the size is checked on entry). If the body raises a LayerError and the
+    digest is wrong too, DigestMismatchError is raised instead (chained).
+
+    With ``cache_dir``, the pass also leaves in it what
+    :func:`open_layer_data` needs for this layer (once the digest is
+    verified), unless it is there already.
+    """
+    compression = detect_compression(layer)
+    gzip_index_path = seek_path = None
+    if cache_dir is not None and not _usable_cache_dir(cache_dir):
+        cache_dir = None
+    if cache_dir is not None and compression is Compression.GZIP:
+        path = cache_path(cache_dir, layer, "gzidx")
+        if load_index(path) is None:
+            gzip_index_path = path
+    elif cache_dir is not None and compression is Compression.ZSTD:
+        path = cache_path(cache_dir, layer, "zseek")
+        cached = ZstdLayerData.open(layer, path)
+        if cached is None:
+            seek_path = path
+        else:
+            cached.close()
+    with _layer_pass(
+        layer, compression, gzip_index_path=gzip_index_path, seek_path=seek_path
+    ) as stream:
+        yield stream
+
+
+def _usable_cache_dir(cache_dir: str) -> bool:
+    """Create ``cache_dir`` if needed; False (with a warning) if it cannot be written."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as exc:
+        log.warning("cache directory %s unusable: %s", cache_dir, exc)
+        return False
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        log.warning("cache directory %s is not writable", cache_dir)
+        return False
+    return True
 
 
 def open_layer_data(layer: Layer, cache_dir: str | None = None) -> LayerData:
-    raise NotImplementedError
+    """Random access to the layer's uncompressed bytes (blocking; close() it).
+
+    Uses the cache file a previous pass left in ``cache_dir``; otherwise
+    makes one pass over the layer (digest verified, errors as for
+    :func:`open_layer_stream`) to build it, keeping it in ``cache_dir``.
+    Without a usable cache dir, a gzip index stays in memory and a zstd
+    seek file goes to a private temporary directory that ``close()``
+    removes. Nothing is ever extracted.
+
+    The returned object holds only file descriptors until its first read
+    (no threads), so it may be opened before the daemon forks.
+    """
+    compression = detect_compression(layer)
+    if compression is Compression.NONE:
+        return _PlainLayerData(layer)
+    if cache_dir is not None and not _usable_cache_dir(cache_dir):
+        cache_dir = None
+    if compression is Compression.GZIP:
+        path = cache_path(cache_dir, layer, "gzidx") if cache_dir is not None else None
+        loaded = load_index(path) if path is not None else None
+        if loaded is None:
+            result = _PassResult()
+            with _layer_pass(
+                layer, compression, gzip_index_path=path, want_gzip_index=True, result=result
+            ):
+                pass
+            loaded = result.gzip_index
+            assert loaded is not None
+        return GzipLayerData(layer, *loaded)
+    if cache_dir is not None:
+        path = cache_path(cache_dir, layer, "zseek")
+        data = ZstdLayerData.open(layer, path)
+        if data is None:
+            with _layer_pass(layer, compression, seek_path=path):
+                pass
+            data = ZstdLayerData.open(layer, path)
+        if data is not None:
+            return data
+        # Writing the cache failed (logged): fall back to a private copy.
+    owned_dir = tempfile.mkdtemp(prefix="imagefs-layer-")
+    try:
+        path = os.path.join(owned_dir, "layer.zseek")
+        with _layer_pass(layer, compression, seek_path=path):
+            pass
+        data = ZstdLayerData.open(layer, path, owned_dir)
+        if data is None:
+            raise BlobError(
+                f"layer {layer.descriptor.digest}: cannot write a seek file in {owned_dir}"
+            )
+        return data
+    except BaseException:
+        shutil.rmtree(owned_dir, ignore_errors=True)
+        raise
