@@ -47,14 +47,22 @@ class LoadedImage:
 
 
 def scan_layer(
-    layer: Layer, index: int, count: int, warn: Callable[[str], None], progress: Progress
+    layer: Layer,
+    index: int,
+    count: int,
+    *,
+    warn: Callable[[str], None],
+    progress: Progress,
+    cache_dir: Path | None = None,
 ) -> list[TarEntry]:
     """Index one layer's tar headers, verifying its digest (blocking)."""
     name = short_digest(layer.descriptor.digest)
     progress.start(f"layer {index + 1}/{count} {name}")
     entries: list[TarEntry] = []
     try:
-        with open_layer_stream(layer) as stream:
+        # With a cache dir the same pass also leaves the gzip checkpoints or
+        # the zstd seekable re-encoding there, so open_layer_data decodes nothing.
+        with open_layer_stream(layer, str(cache_dir) if cache_dir else None) as stream:
             for entry in scan_tar(stream, lambda msg: warn(f"layer {name}: {msg}")):
                 entries.append(entry)
                 if len(entries) % _PROGRESS_EVERY == 0:
@@ -79,7 +87,8 @@ def load_image(
     progress = progress or Progress(False)
     count = len(image.layers)
     layer_entries = [
-        scan_layer(layer, index, count, warn, progress) for index, layer in enumerate(image.layers)
+        scan_layer(layer, index, count, warn=warn, progress=progress, cache_dir=cache_dir)
+        for index, layer in enumerate(image.layers)
     ]
     tree = freeze(merge_layers(layer_entries, warn))
     del layer_entries
