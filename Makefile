@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap test lint typecheck pytest demo format clean
+.PHONY: all bootstrap test lint typecheck pytest demo bench format clean
 
 all: test
 
@@ -28,6 +28,10 @@ format: bootstrap
 
 demo: bootstrap
 	$(PY) scripts/demo.py
+
+# Figures, not a test: builds images from /usr once (BENCH_DIR), then measures.
+bench: bootstrap
+	$(PY) scripts/bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
