@@ -11,6 +11,7 @@ names that survived the merge; of a directory, 2 plus its subdirectories.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .entry import EntryType
@@ -28,7 +29,7 @@ class Inode:
     nlink: int
     parent: int  # directories: the parent directory's inode (root: itself)
     names: dict[bytes, int] | None = None  # directories: name -> ino
-    listing: list[tuple[bytes, int]] | None = None  # directories: sorted (name, ino)
+    listing: Sequence[tuple[bytes, int]] | None = None  # directories: sorted (name, ino)
 
 
 class MergedTree:
@@ -107,7 +108,8 @@ def freeze(root: Node) -> MergedTree:
     while stack:
         directory = stack.pop()
         assert directory.node.children is not None and directory.names is not None
-        assert directory.listing is not None
+        listing: list[tuple[bytes, int]] = []
+        directory.listing = listing
         children = sorted(
             (os.fsencode(name), child) for name, child in directory.node.children.items()
         )
@@ -115,7 +117,7 @@ def freeze(root: Node) -> MergedTree:
         for name, child in children:
             inode, is_new = number(child, directory.ino)
             directory.names[name] = inode.ino
-            directory.listing.append((name, inode.ino))
+            listing.append((name, inode.ino))
             if child.is_dir:
                 directory.nlink += 1
                 if is_new:

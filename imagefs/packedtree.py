@@ -1,0 +1,292 @@
+"""The merged tree persisted as one file, served through ``mmap``.
+
+Merging is done once per image; the result is written here and every later
+mount opens it instead of scanning the layers again. Reading costs no Python
+object per entry: records are unpacked from the mapping on demand, so a
+lookup costs the same for 2 layers or 100, and memory stays with the kernel's
+page cache instead of the daemon's heap.
+
+File layout (little endian), version :data:`FORMAT_VERSION`::
+
+    header   magic, version, counts, section offsets, CRC-32 of the body
+    sources  JSON: what the tree was built from (layer digests and, for local
+             blobs, each file's identity) -- a mismatch means stale
+    inodes   fixed-size records, inode N at index N-1 (see _INODE)
+    dirents  per directory a run of (name offset, name length, inode),
+             sorted by name bytes so lookups bisect
+    pool     names, symlink targets, xattrs and sparse maps
+
+A truncated, corrupted (CRC mismatch), stale or older-version file is never
+served: :func:`open_packed_tree` returns None and the caller rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+from .entry import EntryType
+from .overlay import Node
+from .tree import ROOT_INO, Inode, MergedTree
+
+MAGIC = b"IMGFSTRE"
+FORMAT_VERSION = 1
+
+# magic, version, inode count, dirent count, total file size, sources offset,
+# sources length, inodes offset, dirents offset, pool offset, body CRC-32
+_HEADER = struct.Struct("<8sIIQQQQQQQI")
+# type, mode, uid, gid, nlink, parent, layer, size, mtime_ns, rdev,
+# data_offset, first dirent, dirent count, extra offset, extra length
+_INODE = struct.Struct("<BxxxIIIIIiQqQQIIQI4x")
+_DIRENT = struct.Struct("<QII")
+_U32 = struct.Struct("<I")
+_U64PAIR = struct.Struct("<QQ")
+_NO_SPARSE = 0xFFFFFFFF
+
+
+class _Pool:
+    """Append-only byte pool with offsets."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def add(self, blob: bytes) -> int:
+        offset = len(self.data)
+        self.data += blob
+        return offset
+
+
+def _encode_extra(node: Node) -> bytes:
+    """Symlink target, xattrs and sparse map; b"" when the node has none."""
+    target = os.fsencode(node.target)
+    if not target and not node.xattrs and node.sparse is None:
+        return b""
+    out = bytearray(_U32.pack(len(target)) + target)
+    out += _U32.pack(len(node.xattrs))
+    for name, value in node.xattrs.items():
+        encoded = os.fsencode(name)
+        out += _U32.pack(len(encoded)) + encoded + _U32.pack(len(value)) + value
+    if node.sparse is None:
+        out += _U32.pack(_NO_SPARSE)
+    else:
+        out += _U32.pack(len(node.sparse))
+        for offset, length in node.sparse:
+            out += _U64PAIR.pack(offset, length)
+    return bytes(out)
+
+
+def _decode_extra(
+    blob: bytes,
+) -> tuple[str, dict[str, bytes], tuple[tuple[int, int], ...] | None]:
+    (length,) = _U32.unpack_from(blob, 0)
+    position = 4 + length
+    target = os.fsdecode(blob[4:position])
+    (count,) = _U32.unpack_from(blob, position)
+    position += 4
+    xattrs: dict[str, bytes] = {}
+    for _ in range(count):
+        (name_len,) = _U32.unpack_from(blob, position)
+        name = os.fsdecode(blob[position + 4 : position + 4 + name_len])
+        position += 4 + name_len
+        (value_len,) = _U32.unpack_from(blob, position)
+        xattrs[name] = blob[position + 4 : position + 4 + value_len]
+        position += 4 + value_len
+    (sparse_count,) = _U32.unpack_from(blob, position)
+    position += 4
+    sparse = None
+    if sparse_count != _NO_SPARSE:
+        sparse = tuple(_U64PAIR.unpack_from(blob, position + 16 * i) for i in range(sparse_count))
+    return target, xattrs, sparse
+
+
+def write_packed_tree(tree: MergedTree, path: Path, sources: dict[str, Any]) -> None:
+    """Persist ``tree`` atomically (temporary file, then rename)."""
+    pool = _Pool()
+    inodes = bytearray()
+    dirents = bytearray()
+    dirent_count = 0
+    for ino in range(1, tree.count + 1):
+        inode = tree.get(ino)
+        assert inode is not None
+        node = inode.node
+        first, count = dirent_count, 0
+        if inode.listing is not None:
+            for name, child in inode.listing:
+                dirents += _DIRENT.pack(pool.add(name), len(name), child)
+            count = len(inode.listing)
+            dirent_count += count
+        extra = _encode_extra(node)
+        extra_offset = pool.add(extra) if extra else 0
+        inodes += _INODE.pack(
+            int(node.type), node.mode, node.uid, node.gid, inode.nlink, inode.parent,
+            node.layer, node.size, node.mtime_ns, node.rdev, node.data_offset,
+            first, count, extra_offset, len(extra),
+        )  # fmt: skip
+    sources_blob = json.dumps(sources, sort_keys=True).encode()
+    sources_offset = _HEADER.size
+    inodes_offset = sources_offset + len(sources_blob)
+    dirents_offset = inodes_offset + len(inodes)
+    pool_offset = dirents_offset + len(dirents)
+    body = b"".join((sources_blob, inodes, dirents, pool.data))
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, tree.count, dirent_count, tree.total_size,
+        sources_offset, len(sources_blob), inodes_offset, dirents_offset, pool_offset,
+        zlib.crc32(body),
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(header)
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class PackedTree(MergedTree):
+    """A :class:`MergedTree` read from a packed file; records decoded on demand."""
+
+    def __init__(
+        self, mapping: mmap.mmap, header: tuple[Any, ...], sources: dict[str, Any]
+    ) -> None:
+        # Deliberately not calling MergedTree.__init__: nothing is held per inode.
+        self._map = mapping
+        (_, _, self.count, self._dirent_count, self.total_size, _, _,
+         self._inodes_offset, self._dirents_offset, self._pool_offset, _) = header  # fmt: skip
+        self.sources = sources
+
+    def close(self) -> None:
+        self._map.close()
+
+    def _record(self, ino: int) -> tuple[Any, ...]:
+        return _INODE.unpack_from(self._map, self._inodes_offset + (ino - 1) * _INODE.size)
+
+    def _pool(self, offset: int, length: int) -> bytes:
+        start = self._pool_offset + offset
+        return self._map[start : start + length]
+
+    def _dirent(self, index: int) -> tuple[bytes, int]:
+        name_offset, name_len, ino = _DIRENT.unpack_from(
+            self._map, self._dirents_offset + index * _DIRENT.size
+        )
+        return self._pool(name_offset, name_len), ino
+
+    def get(self, ino: int) -> Inode | None:
+        if not 0 < ino <= self.count:
+            return None
+        (kind, mode, uid, gid, nlink, parent, layer, size, mtime_ns, rdev, data_offset,
+         first, count, extra_offset, extra_len) = self._record(ino)  # fmt: skip
+        node = Node(EntryType(kind), mode, uid, gid, mtime_ns, layer, size=size, rdev=rdev,
+                    data_offset=data_offset)  # fmt: skip
+        if extra_len:
+            node.target, node.xattrs, node.sparse = _decode_extra(
+                self._pool(extra_offset, extra_len)
+            )
+        listing = None
+        if node.type is EntryType.DIRECTORY:
+            node.children = {}
+            listing = _LazyListing(self, first, count)
+        return Inode(ino=ino, node=node, nlink=nlink, parent=parent, listing=listing)
+
+    def lookup(self, parent: int, name: bytes) -> Inode | None:
+        if not 0 < parent <= self.count:
+            return None
+        record = self._record(parent)
+        if record[0] != EntryType.DIRECTORY:
+            return None
+        if name == b".":
+            return self.get(parent)
+        if name == b"..":
+            return self.get(record[5])
+        low, high = record[11], record[11] + record[12]
+        while low < high:
+            middle = (low + high) // 2
+            candidate, ino = self._dirent(middle)
+            if candidate == name:
+                return self.get(ino)
+            if candidate < name:
+                low = middle + 1
+            else:
+                high = middle
+        return None
+
+    def walk(self) -> list[tuple[str, Inode]]:
+        out: list[tuple[str, Inode]] = []
+        root = self.get(ROOT_INO)
+        assert root is not None
+        stack: list[tuple[str, Inode]] = [("", root)]
+        while stack:
+            path, inode = stack.pop()
+            out.append((path, inode))
+            for name, ino in reversed(list(inode.listing or ())):
+                child = self.get(ino)
+                assert child is not None
+                child_path = f"{path}/{os.fsdecode(name)}" if path else os.fsdecode(name)
+                stack.append((child_path, child))
+        return out
+
+
+class _LazyListing(Sequence[tuple[bytes, int]]):
+    """A directory's sorted (name, ino) entries, read from the mapping on access."""
+
+    def __init__(self, tree: PackedTree, first: int, count: int) -> None:
+        self._tree = tree
+        self._first = first
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[bytes, int]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[bytes, int]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[bytes, int] | list[tuple[bytes, int]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return self._tree._dirent(self._first + index)
+
+    def __iter__(self) -> Iterator[tuple[bytes, int]]:
+        for index in range(self._count):
+            yield self._tree._dirent(self._first + index)
+
+
+def open_packed_tree(path: Path, sources: dict[str, Any]) -> PackedTree | None:
+    """Open a packed tree if it is intact and was built from ``sources``."""
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < _HEADER.size:
+                return None
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (FileNotFoundError, ValueError):
+        return None
+    header = _HEADER.unpack_from(mapping, 0)
+    magic, version, _, _, _, sources_offset, sources_len, *_, crc = header
+    valid = magic == MAGIC and version == FORMAT_VERSION
+    if valid:
+        with memoryview(mapping) as view, view[_HEADER.size :] as body:
+            valid = zlib.crc32(body) == crc
+    if valid:
+        try:
+            stored = json.loads(mapping[sources_offset : sources_offset + sources_len])
+        except ValueError:
+            stored = None
+        valid = stored == json.loads(json.dumps(sources, sort_keys=True))
+    if not valid:
+        mapping.close()
+        return None
+    return PackedTree(mapping, header, sources)

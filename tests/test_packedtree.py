@@ -1,0 +1,118 @@
+"""The persisted tree: round trip, lookups, and refusal of stale or corrupt files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from imagefs.entry import EntryType, TarEntry
+from imagefs.overlay import merge_layers
+from imagefs.packedtree import open_packed_tree, write_packed_tree
+from imagefs.tree import MergedTree, freeze
+
+SOURCES = {"layers": ["sha256:aa", "sha256:bb"], "schema": 1}
+
+
+def entry(path: str, kind: EntryType = EntryType.FILE, **kw: object) -> TarEntry:
+    fields: dict[str, object] = {"mode": 0o644, "uid": 1, "gid": 2, "size": 0, "mtime_ns": -5}
+    fields.update(kw)
+    return TarEntry(path=path, type=kind, **fields)  # type: ignore[arg-type]
+
+
+def sample_tree() -> MergedTree:
+    layers = [
+        [
+            entry("./", EntryType.DIRECTORY, mode=0o751),
+            entry("etc/passwd", size=100, data_offset=512, mtime_ns=1_700_000_000_123_456_789),
+            entry("etc/hard", EntryType.HARDLINK, linkname="etc/passwd"),
+            entry("bin", EntryType.SYMLINK, linkname="/usr/bin", xattrs=(("trusted.x", b"\0\1"),)),
+            entry("dev/null", EntryType.CHAR_DEVICE, devmajor=1, devminor=3),
+            entry("fifo", EntryType.FIFO),
+            entry("sparse", size=1 << 30, data_offset=4096, sparse=((0, 10), (1 << 29, 20))),
+            entry(os.fsdecode(b"caf\xe9"), xattrs=(("user.a", b"1"), ("user.b", b""))),
+            entry("/".join(["deep"] * 300) + "/leaf", uid=3_000_000),
+        ],
+        [entry("etc/.wh.passwd"), entry("empty-sparse", sparse=())],
+    ]
+    return freeze(merge_layers(layers, lambda message: None))
+
+
+def describe(tree: MergedTree) -> list[tuple[object, ...]]:
+    rows: list[tuple[object, ...]] = []
+    for path, inode in tree.walk():
+        node = inode.node
+        rows.append((
+            path, inode.ino, inode.nlink, inode.parent, node.type, node.mode, node.uid,
+            node.gid, node.size, node.mtime_ns, node.rdev, node.layer, node.data_offset,
+            node.target, dict(node.xattrs), node.sparse,
+            list(inode.listing) if inode.listing is not None else None,
+        ))  # fmt: skip
+    return rows
+
+
+def test_round_trip_preserves_everything(tmp_path: Path) -> None:
+    tree = sample_tree()
+    path = tmp_path / "tree"
+    write_packed_tree(tree, path, SOURCES)
+    packed = open_packed_tree(path, SOURCES)
+    assert packed is not None
+    try:
+        assert describe(packed) == describe(tree)
+        assert (packed.count, packed.total_size) == (tree.count, tree.total_size)
+    finally:
+        packed.close()
+
+
+def test_lookup_every_name_and_dot_entries(tmp_path: Path) -> None:
+    tree = sample_tree()
+    write_packed_tree(tree, tmp_path / "tree", SOURCES)
+    packed = open_packed_tree(tmp_path / "tree", SOURCES)
+    assert packed is not None
+    try:
+        for _, inode in tree.walk():
+            for name, ino in inode.listing or ():
+                found = packed.lookup(inode.ino, name)
+                assert found is not None and found.ino == ino
+            assert packed.lookup(inode.ino, b"\xffmissing") is None
+            if inode.listing is not None:
+                dot, dotdot = packed.lookup(inode.ino, b"."), packed.lookup(inode.ino, b"..")
+                assert dot is not None and dot.ino == inode.ino
+                assert dotdot is not None and dotdot.ino == inode.parent
+            else:
+                assert packed.lookup(inode.ino, b"x") is None
+        assert packed.get(0) is None and packed.get(packed.count + 1) is None
+    finally:
+        packed.close()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "sources", "version"])
+def test_damaged_or_stale_files_are_refused(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "tree"
+    write_packed_tree(sample_tree(), path, SOURCES)
+    data = bytearray(path.read_bytes())
+    sources = SOURCES
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) - 7]
+    elif damage == "empty":
+        data = bytearray()
+    elif damage == "sources":
+        sources = {**SOURCES, "layers": ["sha256:aa", "sha256:cc"]}
+    elif damage == "version":
+        data[8] += 1
+    path.write_bytes(bytes(data))
+    assert open_packed_tree(path, sources) is None
+
+
+def test_missing_file_is_none(tmp_path: Path) -> None:
+    assert open_packed_tree(tmp_path / "absent", SOURCES) is None
+
+
+def test_write_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "tree"
+    write_packed_tree(sample_tree(), path, SOURCES)
+    write_packed_tree(sample_tree(), path, SOURCES)
+    assert [p.name for p in path.parent.iterdir()] == ["tree"]
