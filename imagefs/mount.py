@@ -32,12 +32,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .cachedir import ensure_cache_dir
+from .cachedir import default_cache_dir, ensure_cache_dir
 from .errors import ImageFSError, MountError
 from .fs import ImageOperations
 from .image import Platform
+from .indexer import load_cached
 from .loader import load_image
 from .progress import Progress
+from .registry import RegistryOptions, is_registry_source
+from .registry.mounting import load_registry_image
 from .sources import open_image
 
 log = logging.getLogger("imagefs")
@@ -60,6 +63,8 @@ class MountRequest:
     cache_dir: Path | None = None
     log_file: Path | None = None
     extra_fuse_options: frozenset[str] = field(default_factory=frozenset)
+    # Mirrors, TLS, credentials (kept out of repr) for registry sources.
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
 
     def fuse_options(self) -> set[str]:
         # fsname shows as the first column of /proc/mounts: keep the source
@@ -153,14 +158,28 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
     """
     stderr_handler = _configure_logging(request)
     with ExitStack() as stack:
-        image = open_image(request.source, image=request.image, platform=request.platform)
+        progress = Progress(enabled=not request.quiet)
         cache_dir = ensure_cache_dir(request.cache_dir) if request.cache_dir else None
-        loaded = load_image(
-            image,
-            cache_dir=cache_dir,
-            warn=log.warning,
-            progress=Progress(enabled=not request.quiet),
-        )
+        if is_registry_source(request.source):
+            # Network work happens here, in the daemon child, after the fork.
+            image, loaded = load_registry_image(
+                request.source,
+                platform=request.platform,
+                options=request.registry,
+                cache_dir=cache_dir or ensure_cache_dir(default_cache_dir()),
+                stack=stack,
+                warn=log.warning,
+                progress=progress,
+            )
+        else:
+            image = open_image(request.source, image=request.image, platform=request.platform)
+            if cache_dir is not None:
+                # The merged tree persists in the cache: built once, then mapped.
+                loaded = load_cached(
+                    image, cache_dir=cache_dir, warn=log.warning, progress=progress
+                )
+            else:
+                loaded = load_image(image, cache_dir=None, warn=log.warning, progress=progress)
         stack.callback(loaded.close)
         operations = ImageOperations(loaded.tree, loaded.content)
         check_mountpoint(request.mountpoint)

@@ -42,12 +42,23 @@ def force_unmount(path: Path) -> None:
 
 @contextmanager
 def mounted(
-    source: str | Path, mountpoint: Path, *options: str, log: Path | None = None
+    source: str | Path,
+    mountpoint: Path,
+    *options: str,
+    log: Path | None = None,
+    cache: Path | None = None,
 ) -> Iterator[Path]:
-    """Mount ``source`` with ``imagefs mount`` (daemon mode) for the block."""
+    """Mount ``source`` with ``imagefs mount`` (daemon mode) for the block.
+
+    The cache defaults to a directory beside the mount point, so tests never
+    share (or are helped by) the machine's cache; pass ``cache`` to share one.
+    """
     require_fuse()
     mountpoint.mkdir(parents=True, exist_ok=True)
+    cache = cache or mountpoint.with_name(mountpoint.name + ".cache")
     extra = [f"--log={log}"] if log else []
+    if not any(option.startswith("--cache-dir") for option in options):
+        extra.append(f"--cache-dir={cache}")
     result = run_imagefs("mount", "--quiet", *extra, *options, source, mountpoint)
     try:
         assert result.returncode == 0, f"imagefs mount failed: {result.stderr}"

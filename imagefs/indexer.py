@@ -1,0 +1,139 @@
+"""Serve an image from its persisted tree, building it once in a child process.
+
+The first mount of an image scans and merges its layers (``loader``) and
+writes the merged tree to ``CACHE/trees/`` (``packedtree``); every later
+mount just maps that file, so a remount scans nothing and its cost does not
+depend on the number of layers.
+
+The build runs in a forked child that exits when done: scanning and merging
+a million entries needs hundreds of MB of Python objects, and the daemon,
+which may live for weeks, must not keep that high-water mark. Forking is safe
+here because the build is the first thing that starts threads (decompression),
+and they start in the child. The child reports failure by pickling the
+:class:`ImageFSError` it hit into a pipe; the parent raises it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from .content import ContentReader
+from .errors import ImageFSError
+from .image import Image
+from .layerio import LayerData, open_layer_data
+from .loader import LoadedImage, load_image
+from .packedtree import PackedTree, open_packed_tree, write_packed_tree
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+# Bump when the merge rules or the scanner change what a tree contains, so
+# trees built by older code are rebuilt rather than served.
+TREE_SCHEMA = 1
+
+
+def tree_sources(image: Image) -> dict[str, Any]:
+    """What a persisted tree depends on; any change makes it stale.
+
+    Layer digests name the content; the identity of each local blob file
+    (device, inode, size, mtime) catches a file replaced or rewritten in
+    place since the tree was built, whose digest was verified back then.
+    """
+    blobs = []
+    for layer in image.layers:
+        st = os.stat(layer.blob.path)
+        blobs.append(
+            [layer.blob.path, layer.blob.offset, layer.blob.length,
+             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+        )  # fmt: skip
+    return {
+        "schema": TREE_SCHEMA,
+        "layers": [layer.descriptor.digest for layer in image.layers],
+        "blobs": blobs,
+    }
+
+
+def tree_path(cache_dir: Path, image: Image) -> Path:
+    chain = "\n".join(layer.descriptor.digest for layer in image.layers)
+    key = hashlib.sha256(f"v{TREE_SCHEMA}\n{chain}".encode()).hexdigest()
+    return cache_dir / "trees" / f"{key}.tree"
+
+
+def _build_in_child(build: Callable[[], None]) -> None:
+    """Run ``build`` in a forked child; re-raise its ImageFSError here."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - exit status and pipe are checked by the parent
+        os.close(read_fd)
+        code = 0
+        try:
+            build()
+        except ImageFSError as exc:
+            os.write(write_fd, pickle.dumps(exc))
+            code = 1
+        except BaseException as exc:
+            log.exception("building the image index failed")
+            os.write(write_fd, pickle.dumps(ImageFSError(f"building the index failed: {exc!r}")))
+            code = 2
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if report:
+        error = pickle.loads(report)  # our own child's exception, never outside input
+        raise error
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise ImageFSError(f"building the index failed (status {status})")
+
+
+def load_cached(
+    image: Image,
+    *,
+    cache_dir: Path,
+    warn: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+) -> LoadedImage:
+    """The image's merged tree from the cache (built first if needed) and its readers."""
+    sources = tree_sources(image)
+    path = tree_path(cache_dir, image)
+    tree = open_packed_tree(path, sources)
+    if tree is None:
+
+        def build() -> None:
+            loaded = load_image(image, cache_dir=cache_dir, warn=warn, progress=progress)
+            try:
+                write_packed_tree(loaded.tree, path, sources)
+            finally:
+                loaded.close()
+
+        log.debug("building the index of %s into %s", image.source, path)
+        _build_in_child(build)
+        tree = open_packed_tree(path, sources)
+        if tree is None:
+            raise ImageFSError(f"the index written to {path} cannot be read back")
+    return _with_readers(image, tree, cache_dir)
+
+
+def _with_readers(image: Image, tree: PackedTree, cache_dir: Path) -> LoadedImage:
+    resources = ExitStack()
+    resources.callback(tree.close)
+    try:
+        readers: list[LayerData] = []
+        for layer in image.layers:
+            reader = open_layer_data(layer, str(cache_dir))
+            resources.callback(reader.close)
+            readers.append(reader)
+    except BaseException:
+        resources.close()
+        raise
+    names = [layer.descriptor.digest for layer in image.layers]
+    return LoadedImage(image, tree, ContentReader(readers, names), resources)
