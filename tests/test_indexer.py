@@ -16,7 +16,7 @@ from tests.mounting import mounted, run_imagefs
 from tests.oracle import compare, snapshot
 
 
-def small_image(tmp_path: Path, compression: str = "gzip") -> Path:
+def small_image(tmp_path: Path, compression: builder.Compression = "gzip") -> Path:
     layers = [
         builder.make_layer_tar([directory("etc"), file("etc/a", "alpha\n"), file("b", "b" * 9000)]),
         builder.make_layer_tar([builder.whiteout("b"), file("etc/c", "gamma\n")]),
