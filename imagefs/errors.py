@@ -6,11 +6,19 @@ non-zero without a traceback::
 
     ImageFSError                  base of everything imagefs raises on purpose
     ├── UsageError                bad command line or option value
+    │   └── InvalidReferenceError an image reference that does not parse
     ├── SourceError               the image source cannot be used
     │   ├── SourceNotFoundError   path / reference / tag / image name absent
     │   ├── ManifestError         manifest, index or config missing or invalid
     │   ├── PlatformError         no manifest for the requested platform
-    │   └── MediaTypeError        a media type imagefs does not understand
+    │   ├── MediaTypeError        a media type imagefs does not understand
+    │   ├── NotCachedError        --offline, and the cache lacks the image
+    │   └── RegistryError         a registry request failed (after retries)
+    │       ├── RegistryAuthError      401: credentials missing or refused
+    │       ├── RegistryDeniedError    403: authenticated but not allowed
+    │       ├── RegistryNotFoundError  404: repository, tag or blob unknown
+    │       ├── RateLimitError         429: too many requests (says when to retry)
+    │       └── RegistryUnavailableError  connection, TLS, timeout or 5xx
     ├── BlobError                 a blob cannot be read correctly
     │   ├── BlobMissingError      a referenced blob is absent
     │   └── DigestMismatchError   a blob's content does not match its digest
@@ -31,6 +39,10 @@ class UsageError(ImageFSError):
     """The command line or an option value is invalid."""
 
 
+class InvalidReferenceError(UsageError):
+    """An image reference (``alpine:3``, ``host:5000/repo@sha256:...``) is malformed."""
+
+
 class SourceError(ImageFSError):
     """The image source (file, directory, reference) cannot be used."""
 
@@ -49,6 +61,34 @@ class PlatformError(SourceError):
 
 class MediaTypeError(SourceError):
     """A descriptor has a media type imagefs does not understand."""
+
+
+class NotCachedError(SourceNotFoundError):
+    """``--offline``: the image (tag, manifest or a blob) is not in the local cache."""
+
+
+class RegistryError(SourceError):
+    """A request to a registry failed; the message names the registry and what was asked."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry answered 401: credentials are missing, wrong or were refused."""
+
+
+class RegistryDeniedError(RegistryError):
+    """The registry answered 403: the credentials do not grant pulling this repository."""
+
+
+class RegistryNotFoundError(RegistryError, SourceNotFoundError):
+    """The registry answered 404: no such repository, tag, manifest or blob."""
+
+
+class RateLimitError(RegistryError):
+    """The registry answered 429 (rate limit); the message says when to retry."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry cannot be reached: connection, TLS, timeout, or 5xx after retries."""
 
 
 class BlobError(ImageFSError):

@@ -9,7 +9,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+
+class BlobFeed(Protocol):
+    """A blob file that is still being written (a registry download in progress).
+
+    Lets the layer pass start on the first bytes instead of after the
+    download: readers call :meth:`BlobRange.wait_for` before each read.
+    """
+
+    def open_fd(self) -> int:
+        """A new read-only descriptor on the file (the same inode once it is complete)."""
+        ...
+
+    def wait_for(self, end: int) -> None:
+        """Block until bytes ``[0, end)`` of the file are written; raise if the download failed."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,15 +35,24 @@ class BlobRange:
     Layers inside a ``docker save`` tarball are read in place: ``path`` is the
     outer tar and ``offset``/``length`` locate the member's data. For a blob
     stored as its own file, ``offset`` is 0 and ``length`` its size.
+    ``feed`` is set while the file is still being downloaded (see BlobFeed).
     """
 
     path: str
     offset: int
     length: int
+    feed: BlobFeed | None = field(default=None, compare=False, hash=False, repr=False)
 
     def open_fd(self) -> int:
         """Open the underlying file read-only; the caller closes the descriptor."""
+        if self.feed is not None:
+            return self.feed.open_fd()
         return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def wait_for(self, end: int) -> None:
+        """Block until the range's bytes ``[0, end)`` exist (only a download waits)."""
+        if self.feed is not None:
+            self.feed.wait_for(self.offset + min(end, self.length))
 
 
 @dataclass(frozen=True, slots=True)

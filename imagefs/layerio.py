@@ -218,6 +218,7 @@ def detect_compression(layer: Layer) -> Compression:
         )
     if layer.blob.length <= 0:
         return Compression.NONE
+    layer.blob.wait_for(4)  # a blob still downloading: its first bytes
     fd = _open_blob(layer)
     try:
         head = os.pread(fd, min(4, layer.blob.length), layer.blob.offset)
@@ -239,6 +240,7 @@ class _PlainStream:
 
     def __init__(self, layer: Layer, fd: int) -> None:
         self._fd = fd
+        self._blob = layer.blob
         self._base = layer.blob.offset
         self._length = layer.blob.length
         self._pos = 0
@@ -247,6 +249,7 @@ class _PlainStream:
         n = min(n, self._length - self._pos)
         if n <= 0:
             return b""
+        self._blob.wait_for(self._pos + n)
         data = pread_exact(self._fd, n, self._base + self._pos)
         self._pos += len(data)
         return data

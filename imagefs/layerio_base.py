@@ -12,9 +12,10 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
-from .errors import BlobError, DigestMismatchError
+from .errors import BlobError, DigestMismatchError, ImageFSError
 from .image import Layer
 
 __all__ = [
@@ -127,6 +128,7 @@ class BlobHasher:
                     pass  # only a readahead hint
                 pos, end = blob.offset, blob.offset + blob.length
                 while pos < end and not self._stop.is_set():
+                    blob.wait_for(pos - blob.offset + min(_HASH_CHUNK, end - pos))
                     chunk = os.pread(fd, min(_HASH_CHUNK, end - pos), pos)
                     if not chunk:
                         break  # file shrank under us: the digest will not match
@@ -141,6 +143,8 @@ class BlobHasher:
     def result(self) -> str:
         """Wait for the hash of the whole range: ``"algorithm:hex"`` (blocking)."""
         self._thread.join()
+        if isinstance(self._error, ImageFSError):
+            raise self._error  # a download that failed (BlobRange.wait_for) says why itself
         if self._error is not None:
             raise BlobError(
                 f"layer {self._layer.descriptor.digest}: cannot read {self._layer.blob.path}: "
@@ -171,17 +175,21 @@ class RangeFile:
     This is how rapidgzip reads a blob that is a member of an outer tar. It
     deliberately has no ``fileno()``: given one, rapidgzip would read the
     whole underlying file from its start. ``close()`` leaves the descriptor
-    open (its owner closes it). An ``OSError`` from reading is kept in
+    open (its owner closes it). An ``OSError`` from reading, or the error of
+    ``wait`` (a download that failed, see BlobRange.wait_for), is kept in
     ``error``, because rapidgzip replaces exceptions from Python callbacks
     with a generic message.
     """
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    def __init__(
+        self, fd: int, offset: int, length: int, wait: Callable[[int], None] | None = None
+    ) -> None:
         self._fd = fd
         self._offset = offset
         self._length = length
         self._pos = 0
-        self.error: OSError | None = None
+        self._wait = wait
+        self.error: OSError | ImageFSError | None = None
 
     def read(self, size: int = -1) -> bytes:
         remaining = self._length - self._pos
@@ -190,8 +198,10 @@ class RangeFile:
         if size == 0:
             return b""
         try:
+            if self._wait is not None:
+                self._wait(self._pos + size)
             data = pread_exact(self._fd, size, self._offset + self._pos)
-        except OSError as exc:
+        except (OSError, ImageFSError) as exc:
             self.error = exc
             raise
         self._pos += len(data)

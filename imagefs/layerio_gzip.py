@@ -70,6 +70,8 @@ def _decoding(layer: Layer, source: RangeFile) -> Iterator[None]:
         raise
     except Exception as exc:
         digest = layer.descriptor.digest
+        if isinstance(source.error, ImageFSError):
+            raise source.error from exc  # the download behind the blob failed
         if source.error is not None:
             raise BlobError(
                 f"layer {digest}: cannot read {layer.blob.path}: {source.error}"
@@ -101,7 +103,7 @@ class GzipStream(BufferedStream):
     def __init__(self, layer: Layer, fd: int) -> None:
         super().__init__(_BUFFER)
         self._layer = layer
-        self._source = RangeFile(fd, layer.blob.offset, layer.blob.length)
+        self._source = RangeFile(fd, layer.blob.offset, layer.blob.length, layer.blob.wait_for)
         self._reader: Any = None
         with _decoding(layer, self._source):
             self._reader = rapidgzip.RapidgzipFile(

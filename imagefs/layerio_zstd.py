@@ -132,6 +132,8 @@ class _FrameSource:
         base = self._layer.blob.offset
         while not self.done and self.known_end < want:
             at = self.known_end
+            if at + 3 <= length:
+                self._layer.blob.wait_for(at + 3)
             header = pread_exact(self._fd, 3, base + at) if at + 3 <= length else b""
             if len(header) < 3:
                 raise self._corrupt(f"truncated: frame at byte {self.start} has no end")
@@ -156,6 +158,7 @@ class _FrameSource:
         size = min(size, self.known_end - self.pos)
         if size <= 0:
             return b""
+        self._layer.blob.wait_for(self.pos + size)
         data = pread_exact(self._fd, size, self._layer.blob.offset + self.pos)
         if len(data) != size:
             raise BlobError(
@@ -217,6 +220,7 @@ class ZstdStream(BufferedStream):
         length = self._layer.blob.length
         while self._next < length:
             at = self._next
+            self._layer.blob.wait_for(at + min(_MAX_FRAME_HEADER, length - at))
             data = pread_exact(
                 self._fd, min(_MAX_FRAME_HEADER, length - at), self._layer.blob.offset + at
             )

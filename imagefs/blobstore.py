@@ -1,0 +1,364 @@
+"""A content-addressed cache of registry blobs (manifests, configs, layers) and tags.
+
+Layout under the cache directory (the same one :mod:`imagefs.layerio` keeps
+its gzip indexes and zstd seek files in)::
+
+    blobs/sha256/<hex>                 a blob, named by its digest, complete and verified
+    refs/<registry>/<repo>/_tags/<tag> the manifest digest the tag last resolved to
+    tmp/<hex16>.<random>.part          downloads in progress, each flock()ed by its writer
+
+A cached layer is a plain file, so it is served as ``BlobRange(path, 0, size)``
+and nothing downstream knows it came from a registry.
+
+Concurrency: every writer has its own temporary file (``mkstemp``: O_EXCL,
+random name) and renames it into place only once size and digest are
+verified, so a reader sees a whole, correct blob or none. Two mounts
+downloading the same blob both succeed; the second rename replaces an
+identical file, and a reader holding the first keeps its inode. ``prune``
+skips temporary files whose writer still holds the lock. ``_tags`` cannot
+clash with a repository path component: those start with ``[a-z0-9]``
+(distribution reference grammar).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BlobError, DigestMismatchError, ImageFSError
+
+log = logging.getLogger(__name__)
+
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+_TAGS = "_tags"
+
+
+def split_digest(digest: str) -> tuple[str, str]:
+    """``sha256:abc...`` -> ``("sha256", "abc...")``; BlobError for anything unverifiable."""
+    algorithm, sep, hexdigest = digest.partition(":")
+    length = _HEX_LENGTH.get(algorithm)
+    if not sep or length is None or len(hexdigest) != length or hexdigest.strip("0123456789abcdef"):
+        raise BlobError(f"unsupported or malformed digest {digest!r}")
+    return algorithm, hexdigest
+
+
+def digest_of(algorithm: str, data: bytes) -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class TagEntry:
+    repository: str  # registry/path, e.g. docker.io/library/alpine
+    tag: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    files: int
+    bytes: int
+
+
+class BlobStore:
+    """The cache directory's registry part. Every method may block on disk I/O."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.tmp = root / "tmp"
+        self.refs = root / "refs"
+
+    # -- blobs -----------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        algorithm, hexdigest = split_digest(digest)
+        return self.blobs / algorithm / hexdigest
+
+    def size_of(self, digest: str) -> int | None:
+        """The cached blob's size, or None when it is not cached."""
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def has(self, digest: str, size: int | None = None) -> bool:
+        cached = self.size_of(digest)
+        return cached is not None and (size is None or cached == size)
+
+    def read(self, digest: str) -> bytes | None:
+        """A small cached blob (manifest, config), re-verified; None if absent or corrupt.
+
+        A corrupt file (disk error, someone editing the cache) is removed, so
+        the caller fetches the blob again instead of failing forever.
+        """
+        path = self.blob_path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if digest_of(digest.partition(":")[0], data) != digest:
+            log.warning("cached blob %s is corrupt; removing it", digest)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return data
+
+    def put(self, digest: str, data: bytes) -> Path:
+        """Store ``data`` under ``digest`` (DigestMismatchError if it is not its content)."""
+        actual = digest_of(split_digest(digest)[0], data)
+        if actual != digest:
+            raise DigestMismatchError(f"blob {digest}: content digest is {actual}")
+        download = self.begin(digest, len(data))
+        try:
+            download.write(data)
+            download.commit()
+        finally:
+            download.close()
+        return self.blob_path(digest)
+
+    def begin(self, digest: str, size: int) -> BlobDownload:
+        """Start writing a blob; see :class:`BlobDownload`."""
+        return BlobDownload(self, digest, size)
+
+    # -- tags ------------------------------------------------------------------
+
+    def _tag_path(self, repository: str, tag: str) -> Path:
+        return self.refs / repository / _TAGS / tag
+
+    def tag(self, repository: str, tag: str) -> str | None:
+        """The digest ``repository:tag`` resolved to when last seen online."""
+        try:
+            digest = self._tag_path(repository, tag).read_text(encoding="ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        try:
+            split_digest(digest)
+        except BlobError:
+            return None
+        return digest
+
+    def set_tag(self, repository: str, tag: str, digest: str) -> None:
+        path = self._tag_path(repository, tag)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tag-", suffix=".part")
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as out:
+                out.write(digest + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def tags(self) -> list[TagEntry]:
+        entries: list[TagEntry] = []
+        if not self.refs.is_dir():
+            return entries
+        for tags_dir in sorted(self.refs.rglob(_TAGS)):
+            repository = str(tags_dir.parent.relative_to(self.refs))
+            for tag_file in sorted(tags_dir.iterdir()):
+                if tag_file.name.startswith("."):
+                    continue
+                digest = self.tag(repository, tag_file.name)
+                if digest is not None:
+                    entries.append(TagEntry(repository, tag_file.name, digest))
+        return entries
+
+    def remove_tag(self, repository: str, tag: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._tag_path(repository, tag).unlink()
+
+    # -- listing and pruning ---------------------------------------------------
+
+    def blob_digests(self) -> dict[str, int]:
+        """Every complete cached blob: digest -> size."""
+        found: dict[str, int] = {}
+        for algorithm in _HEX_LENGTH:
+            directory = self.blobs / algorithm
+            if not directory.is_dir():
+                continue
+            for entry in os.scandir(directory):
+                if entry.is_file(follow_symlinks=False):
+                    found[f"{algorithm}:{entry.name}"] = entry.stat().st_size
+        return found
+
+    def prune(self, keep: set[str]) -> PruneResult:
+        """Remove blobs not in ``keep``, their layerio cache files, and dead downloads.
+
+        A download in progress is kept (its writer holds the lock). A mount
+        still serving a removed blob keeps reading its open inode.
+        """
+        files = size = 0
+        for digest, blob_size in self.blob_digests().items():
+            if digest in keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                self.blob_path(digest).unlink()
+                files, size = files + 1, size + blob_size
+        # layerio names its files "<alg>-<hex>.layerio-v<N>.<kind>" (layerio_base.cache_path).
+        kept_prefixes = {d.replace(":", "-", 1) for d in keep}
+        if self.root.is_dir():
+            for entry in os.scandir(self.root):
+                name = entry.name
+                prefix, sep, _ = name.partition(".layerio-")
+                if sep and entry.is_file() and prefix not in kept_prefixes:
+                    with contextlib.suppress(FileNotFoundError):
+                        entry_size = entry.stat().st_size
+                        os.unlink(entry.path)
+                        files, size = files + 1, size + entry_size
+        if self.tmp.is_dir():
+            for entry in os.scandir(self.tmp):
+                removed = _remove_if_unlocked(entry.path)
+                if removed is not None:
+                    files, size = files + 1, size + removed
+        return PruneResult(files, size)
+
+
+def _remove_if_unlocked(path: str) -> int | None:
+    """Remove a temporary file no live writer holds; its size, or None if kept."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        size = os.fstat(fd).st_size
+        os.unlink(path)
+        return size
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+class DownloadCancelledError(BlobError):
+    """The download was stopped because nothing needs the blob any more."""
+
+
+class BlobDownload:
+    """A blob being written into the store; readable while it grows (a BlobFeed).
+
+    The writer appends with :meth:`write` (hashing on the way), may be
+    interrupted and resumed at :attr:`written`, and ends with :meth:`commit`
+    (size and digest verified, then renamed into place) or :meth:`fail`.
+    Readers get descriptors from :meth:`open_fd` (the same inode before and
+    after the rename) and call :meth:`wait_for` before reading: it blocks
+    until the bytes exist and raises the download's error if it failed.
+    The temporary file is sized up front so that size checks made before
+    reading (layerio's ``check_blob``) see the whole blob.
+    """
+
+    def __init__(self, store: BlobStore, digest: str, size: int) -> None:
+        algorithm, hexdigest = split_digest(digest)
+        self.digest = digest
+        self.size = size
+        self.path = store.blob_path(digest)
+        store.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, self._tmp = tempfile.mkstemp(dir=store.tmp, prefix=hexdigest[:16] + ".", suffix=".part")
+        self._fd: int | None = fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # tells prune this file is alive
+            os.ftruncate(fd, size)
+            self._read_fd: int | None = os.open(self._tmp, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self._tmp)
+            raise
+        self._hash = hashlib.new(algorithm)
+        self._cond = threading.Condition()
+        self._written = 0
+        self._error: ImageFSError | None = None
+        self.done = False
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` (blocking). DigestMismatchError if it runs past ``size``."""
+        if self._fd is None:
+            raise BlobError(f"blob {self.digest}: write after the download ended")
+        if self._written + len(data) > self.size:
+            raise DigestMismatchError(
+                f"blob {self.digest}: the registry sent more than the {self.size} bytes "
+                "the manifest declares"
+            )
+        view = memoryview(data)
+        pos = self._written
+        while view:
+            count = os.pwrite(self._fd, view, pos)
+            view, pos = view[count:], pos + count
+        self._hash.update(data)
+        with self._cond:
+            self._written = pos
+            self._cond.notify_all()
+
+    def commit(self) -> None:
+        """Verify size and digest, then publish the blob (atomic rename)."""
+        if self._written != self.size:
+            raise DigestMismatchError(
+                f"blob {self.digest}: got {self._written} bytes, the manifest declares {self.size}"
+            )
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self.digest:
+            error = DigestMismatchError(f"blob {self.digest}: content digest is {actual}")
+            self.fail(error)
+            raise error
+        assert self._fd is not None
+        os.replace(self._tmp, self.path)
+        os.close(self._fd)  # releases the lock only once the name is gone from tmp/
+        self._fd = None
+        with self._cond:
+            self.done = True
+            self._cond.notify_all()
+
+    def fail(self, error: ImageFSError) -> None:
+        """End the download: waiting readers get ``error``; the partial file goes."""
+        with self._cond:
+            if self.done or self._error is not None:
+                return
+            self._error = error
+            self._cond.notify_all()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        """Release the descriptors (a download not committed is cancelled)."""
+        self.fail(DownloadCancelledError(f"blob {self.digest}: download cancelled"))
+        if self._read_fd is not None:
+            os.close(self._read_fd)
+            self._read_fd = None
+
+    # -- BlobFeed ----------------------------------------------------------------
+
+    def open_fd(self) -> int:
+        if self._read_fd is None:
+            raise BlobError(f"blob {self.digest}: download closed")
+        return os.dup(self._read_fd)
+
+    def wait_for(self, end: int) -> None:
+        with self._cond:
+            # Bounded by the download: every write, commit and failure notifies.
+            while self._written < end and self._error is None and not self.done:
+                self._cond.wait()
+            if self._written < end:
+                if self._error is not None:
+                    raise self._error
+                raise BlobError(f"blob {self.digest}: read past its end ({end} > {self.size})")

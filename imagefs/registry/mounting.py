@@ -1,0 +1,56 @@
+"""Glue between a registry source and the mount lifecycle (``mount.serve``).
+
+A registry image whose layers are all cached is loaded like a local one
+(``indexer.load_cached``: the persisted tree is mapped). One with downloads in
+flight is loaded in this process, so the layer pass reads each blob while it
+downloads (``indexer`` builds in a forked child, which would not see this
+process's download threads); its merged tree is then persisted, so the next
+mount of the image maps it instead of scanning again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from ..errors import ImageFSError
+from ..image import Image, Platform
+from ..indexer import load_cached, tree_path, tree_sources
+from ..loader import LoadedImage, load_image
+from ..packedtree import write_packed_tree
+from ..progress import Progress
+from .config import RegistryOptions
+from .pull import open_registry_image
+
+log = logging.getLogger(__name__)
+
+
+def load_registry_image(
+    source: str,
+    *,
+    platform: Platform | None,
+    options: RegistryOptions,
+    cache_dir: Path,
+    stack: ExitStack,
+    warn: Callable[[str], None],
+    progress: Progress,
+) -> tuple[Image, LoadedImage]:
+    """Resolve, download (streaming) and load; ``stack`` owns the downloads (blocking)."""
+    image, downloads, registry = open_registry_image(
+        source, platform=platform, options=options, cache_dir=cache_dir
+    )
+    stack.callback(registry.close)
+    stack.callback(downloads.close)
+    if downloads.count == 0:
+        return image, load_cached(image, cache_dir=cache_dir, warn=warn, progress=progress)
+    loaded = load_image(image, cache_dir=cache_dir, warn=warn, progress=progress)
+    try:
+        downloads.wait()  # the pass read every byte; this only waits for the renames
+        path = tree_path(cache_dir, image)
+        write_packed_tree(loaded.tree, path, tree_sources(image))
+    except (ImageFSError, OSError) as exc:
+        # The mount works without it; the next one scans again.
+        log.warning("cannot persist the index of %s: %s", source, exc)
+    return image, loaded
