@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ImageFSError
+
 SYSTEM_CACHE = Path("/var/cache/imagefs")
 
 
@@ -18,5 +20,9 @@ def default_cache_dir() -> Path:
 
 def ensure_cache_dir(path: Path) -> Path:
     # 0700: cached layer data may be private to the user who pulled it.
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        # A user mounting with someone else's cache_dir (or HOME) gets one line.
+        raise ImageFSError(f"cache directory {path}: {exc.strerror or exc}") from exc
     return path

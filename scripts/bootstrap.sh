@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: FUSE (runtime + headers to build pyfuse3), the test peers
 # (umoci, skopeo, the CNCF distribution registry) and the small tools tests use.
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc umoci skopeo docker-registry zstd attr file tar gzip)
+# The Linux-integration tests also need mount(8) (mount), systemd-analyze and
+# systemd-escape (systemd; it need not run as PID 1), unshare/nsenter/setpriv
+# (util-linux) and useradd (passwd).
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc umoci skopeo docker-registry zstd attr file tar gzip
+    mount util-linux systemd passwd coreutils)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

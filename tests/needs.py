@@ -28,3 +28,8 @@ def require_tools(*names: str) -> None:
     absent = [name for name in names if shutil.which(name) is None]
     if absent:
         _missing(f"missing tools: {', '.join(absent)}")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        _missing("needs root")

@@ -70,14 +70,15 @@ def test_unknown_mount_option(tmp_path: Path) -> None:
 
 
 def test_parse_mount_options() -> None:
-    flags, settings = parse_mount_options("ro,nosuid,allow_other,image=a:b,x-systemd.after=x")
-    assert flags == {"allow_other"} and settings == {"image": "a:b"}
+    parsed = parse_mount_options("ro,nosuid,allow_other,image=a:b,x-systemd.after=x")
+    assert parsed.fuse_flags == set()
+    assert parsed.settings == {"allow_other": True, "image": "a:b"}
     with pytest.raises(UsageError, match="bogus"):
         parse_mount_options("bogus=1")
 
 
-def test_rw_suid_dev_warn_and_stay_safe(capsys: pytest.CaptureFixture[str]) -> None:
-    flags, _ = parse_mount_options("rw,suid,dev")
-    assert flags == set()
-    err = capsys.readouterr().err
-    assert "read-only" in err and "nosuid" in err and "nodev" in err
+def test_rw_suid_dev_stay_safe_with_one_warning() -> None:
+    # mount(8) passes rw,dev,suid by default: one warning (rw), still nosuid,nodev.
+    parsed = parse_mount_options("rw,suid,dev")
+    assert parsed.fuse_flags == set() and parsed.settings == {}
+    assert len(parsed.warnings) == 1 and "read-only" in parsed.warnings[0]
