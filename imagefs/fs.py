@@ -27,6 +27,7 @@ import trio
 from .content import ContentReader
 from .entry import EntryType
 from .errors import ImageFSError
+from .provenance import Provenance
 from .tree import Inode, MergedTree
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,15 @@ class ImageOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: MergedTree, content: ContentReader) -> None:
+    def __init__(
+        self, tree: MergedTree, content: ContentReader, provenance: Provenance | None = None
+    ) -> None:
         super().__init__()
         self.tree = tree
         self.content = content
+        # Answers the hidden user.imagefs.* xattrs (never listed: listxattr
+        # shows only the image's own, so cp -a and tar copy exactly those).
+        self.provenance = provenance
         self._read_limiter = trio.CapacityLimiter(READ_THREADS)
 
     # -- helpers -------------------------------------------------------------
@@ -225,7 +231,11 @@ class ImageOperations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        value = self._inode(inode).node.xattrs.get(os.fsdecode(name))
+        node = self._inode(inode).node
+        if self.provenance is not None:
+            value = self.provenance.getxattr(inode, node, os.fsdecode(name))
+        else:
+            value = node.xattrs.get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value

@@ -8,7 +8,7 @@ random-access reader for file data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from .entry import TarEntry
 from .errors import ImageFSError
 from .image import Image, Layer
 from .layerio import LayerData, open_layer_data, open_layer_stream
-from .overlay import merge_layers
+from .overlay import Node, merge_layers
 from .progress import Progress
 from .tarscan import scan_tar
 from .tree import MergedTree, freeze
@@ -26,6 +26,10 @@ from .tree import MergedTree, freeze
 log = logging.getLogger(__name__)
 
 _PROGRESS_EVERY = 512  # entries between progress updates
+
+# Makes the tree to serve from the scanned layers (base first); the default is
+# the merged root file system, imagefs.views makes the --layers tree.
+TreeBuilder = Callable[[Sequence[Sequence[TarEntry]], Callable[[str], None]], Node]
 
 
 def short_digest(digest: str) -> str:
@@ -81,8 +85,12 @@ def load_image(
     cache_dir: Path | None,
     warn: Callable[[str], None] | None = None,
     progress: Progress | None = None,
+    build: TreeBuilder = merge_layers,
 ) -> LoadedImage:
-    """Scan and merge ``image``'s layers and open them for reading (blocking)."""
+    """Scan and merge ``image``'s layers and open them for reading (blocking).
+
+    ``build`` makes the tree from the layers' entries (default: the merge).
+    """
     warn = warn or log.warning
     progress = progress or Progress(False)
     count = len(image.layers)
@@ -90,7 +98,7 @@ def load_image(
         scan_layer(layer, index, count, warn=warn, progress=progress, cache_dir=cache_dir)
         for index, layer in enumerate(image.layers)
     ]
-    tree = freeze(merge_layers(layer_entries, warn))
+    tree = freeze(build(layer_entries, warn))
     del layer_entries
     resources = ExitStack()
     try:

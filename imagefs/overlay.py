@@ -30,12 +30,20 @@ Paths are cleaned first; an entry whose path would leave the root (``..``
 above the top), contains NUL, or has a component longer than NAME_MAX is
 dropped with a warning: the image is never allowed to place anything outside
 the tree.
+
+A merge can report what each layer does (``on_change``, one :class:`Change`
+per effect, at the path as resolved in the tree): what was added, and what
+was removed (by a whiteout, an opaque marker, or a newer entry taking the
+path). Removed nodes are detached and never changed again, so an observer may
+keep them: that is how deleted and overwritten files stay reachable
+(:mod:`imagefs.views`), and how ``imagefs which`` tells a path's history.
 """
 
 from __future__ import annotations
 
+import enum
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .entry import EntryType, TarEntry
@@ -81,6 +89,38 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return self.type is EntryType.DIRECTORY
+
+
+class ChangeKind(enum.Enum):
+    """What a layer did at one path (see :class:`Change`)."""
+
+    ADD = "add"  # a new node at the path (file, directory, symlink, hardlink name...)
+    UPDATE = "update"  # a directory entry over a directory: new attributes, same children
+    IMPLY = "imply"  # a directory created because a deeper path needs it
+    WHITEOUT = "whiteout"  # removed (with its subtree) by a .wh. entry
+    OPAQUE = "opaque"  # removed because its parent directory became opaque
+    REPLACE = "replace"  # removed (with its subtree) because a new node took the path
+
+
+REMOVALS = frozenset({ChangeKind.WHITEOUT, ChangeKind.OPAQUE, ChangeKind.REPLACE})
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One effect of layer ``layer`` at ``path`` (root-relative, parents resolved).
+
+    For an addition, ``node`` is the node now at the path; for a removal
+    (:data:`REMOVALS`), the node taken away, detached with its subtree. A
+    REPLACE is reported before the ADD or IMPLY of what replaces it.
+    """
+
+    layer: int
+    path: str
+    kind: ChangeKind
+    node: Node
+
+
+OnChange = Callable[[Change], None]
 
 
 def clean_path(name: str) -> str | None:
@@ -143,23 +183,38 @@ def node_from_entry(entry: TarEntry, layer: int) -> Node:
 class _Merger:
     """Applies layers, base first, onto one tree of :class:`Node`."""
 
-    def __init__(self, warn: Warn) -> None:
+    def __init__(self, warn: Warn, on_change: OnChange | None = None) -> None:
         self.root = implied_directory(ROOT_LAYER)
         self.warn = warn
+        self.on_change = on_change
+
+    def _report(self, layer: int, names: Sequence[str], kind: ChangeKind, node: Node) -> None:
+        # Callers test self.on_change first, so a merge nobody observes
+        # builds no path strings.
+        assert self.on_change is not None
+        self.on_change(Change(layer, "/".join(names), kind, node))
 
     # -- resolution inside the tree -------------------------------------
 
     def _resolve_dir(self, parts: Sequence[str], create_layer: int | None) -> Node | None:
+        found = self._resolve(parts, create_layer)
+        return None if found is None else found[0]
+
+    def _resolve(
+        self, parts: Sequence[str], create_layer: int | None
+    ) -> tuple[Node, list[str]] | None:
         """Find (or, with ``create_layer``, create) the directory at ``parts``.
 
-        Symlinks met on the way are followed inside the tree (see module
-        docstring). When creating, a missing or non-directory component is
-        replaced by an implied directory, as extracting ``a/b`` over a file
-        ``a`` must do to honour the layer.
+        Returns it with the names of the path it was found at. Symlinks met
+        on the way are followed inside the tree (see module docstring). When
+        creating, a missing or non-directory component is replaced by an
+        implied directory, as extracting ``a/b`` over a file ``a`` must do to
+        honour the layer.
         """
         hops = 0
         todo = list(reversed(parts))
         stack: list[Node] = [self.root]
+        names: list[str] = []  # stack[1:]'s names: the resolved path
         while todo:
             name = todo.pop()
             if name == "..":
@@ -167,6 +222,7 @@ class _Merger:
                 # a secure join.
                 if len(stack) > 1:
                     stack.pop()
+                    names.pop()
                 continue
             if name in ("", "."):
                 continue
@@ -179,15 +235,21 @@ class _Merger:
                     hops += 1
                     if child.target.startswith("/"):
                         stack = [self.root]
+                        names = []
                     todo.extend(reversed(child.target.split("/")))
                     continue
             if child is None or not child.is_dir:
                 if create_layer is None:
                     return None
+                if self.on_change is not None and child is not None:
+                    self._report(create_layer, [*names, name], ChangeKind.REPLACE, child)
                 child = implied_directory(create_layer)
                 current.children[name] = child
+                if self.on_change is not None:
+                    self._report(create_layer, [*names, name], ChangeKind.IMPLY, child)
             stack.append(child)
-        return stack[-1]
+            names.append(name)
+        return stack[-1], names
 
     def _follow(self, stack: list[Node], target: str) -> Node | None:
         """Return the directory a symlink in ``stack[-1]`` points at, if any."""
@@ -265,13 +327,20 @@ class _Merger:
 
         # Removals first, and only of what lower layers made (image-spec).
         for parent in opaque_dirs:
-            directory = self._resolve_dir(parent.split("/") if parent else [], None)
-            if directory is not None and directory.children is not None:
+            found = self._resolve(parent.split("/") if parent else [], None)
+            if found is not None and found[0].children is not None:
+                directory, names = found
+                assert directory.children is not None
+                if self.on_change is not None:
+                    for name, child in sorted(directory.children.items()):
+                        self._report(layer, [*names, name], ChangeKind.OPAQUE, child)
                 directory.children.clear()
         for parent, victim in whiteouts:
-            directory = self._resolve_dir(parent.split("/") if parent else [], None)
-            if directory is not None and directory.children is not None:
-                directory.children.pop(victim, None)
+            found = self._resolve(parent.split("/") if parent else [], None)
+            if found is not None and found[0].children is not None:
+                removed = found[0].children.pop(victim, None)
+                if removed is not None and self.on_change is not None:
+                    self._report(layer, [*found[1], victim], ChangeKind.WHITEOUT, removed)
         # An opaque directory exists in this layer even if nothing else says so.
         for parent in opaque_dirs:
             self._resolve_dir(parent.split("/") if parent else [], layer)
@@ -286,17 +355,21 @@ class _Merger:
                 self.warn(f"layer {layer}: ignoring non-directory entry for the root")
                 return
             self._set_dir_attrs(self.root, entry, layer)
+            if self.on_change is not None:
+                self._report(layer, [], ChangeKind.UPDATE, self.root)
             return
         parent_path, _, name = path.rpartition("/")
-        parent = self._resolve_dir(parent_path.split("/") if parent_path else [], layer)
-        assert parent is not None and parent.children is not None
+        found = self._resolve(parent_path.split("/") if parent_path else [], layer)
+        assert found is not None
+        parent, names = found
+        assert parent.children is not None
         existing = parent.children.get(name)
-        if entry.type is EntryType.DIRECTORY:
-            if existing is not None and existing.is_dir:
-                self._set_dir_attrs(existing, entry, layer)
-            else:
-                parent.children[name] = node_from_entry(entry, layer)
-        elif entry.type is EntryType.HARDLINK:
+        if entry.type is EntryType.DIRECTORY and existing is not None and existing.is_dir:
+            self._set_dir_attrs(existing, entry, layer)
+            if self.on_change is not None:
+                self._report(layer, [*names, name], ChangeKind.UPDATE, existing)
+            return
+        if entry.type is EntryType.HARDLINK:
             target_path = clean_path(entry.linkname)
             target = self._lookup(target_path) if target_path is not None else None
             if target is None or target.is_dir:
@@ -306,9 +379,14 @@ class _Merger:
                     f"target is {what}"
                 )
                 return
-            parent.children[name] = target
+            new = target
         else:
-            parent.children[name] = node_from_entry(entry, layer)
+            new = node_from_entry(entry, layer)
+        if self.on_change is not None:
+            if existing is not None and existing is not new:
+                self._report(layer, [*names, name], ChangeKind.REPLACE, existing)
+            self._report(layer, [*names, name], ChangeKind.ADD, new)
+        parent.children[name] = new
 
     @staticmethod
     def _set_dir_attrs(directory: Node, entry: TarEntry, layer: int) -> None:
@@ -320,9 +398,25 @@ class _Merger:
         directory.layer = layer
 
 
-def merge_layers(layers: Iterable[Iterable[TarEntry]], warn: Warn) -> Node:
+def merge_layers(
+    layers: Iterable[Iterable[TarEntry]], warn: Warn, on_change: OnChange | None = None
+) -> Node:
     """Apply the layers (base first) and return the merged root directory."""
-    merger = _Merger(warn)
+    merger = _Merger(warn, on_change)
     for index, entries in enumerate(layers):
         merger.apply_layer(index, entries)
     return merger.root
+
+
+def merge_steps(
+    layers: Iterable[Iterable[TarEntry]], warn: Warn, on_change: OnChange | None = None
+) -> Iterator[Node]:
+    """Like :func:`merge_layers`, yielding the root after each layer.
+
+    The same root is yielded each time and changed in place by the next
+    layer: copy what must outlive a step (:func:`imagefs.views.clone_tree`).
+    """
+    merger = _Merger(warn, on_change)
+    for index, entries in enumerate(layers):
+        merger.apply_layer(index, entries)
+        yield merger.root
