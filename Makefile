@@ -32,6 +32,7 @@ demo: bootstrap
 # Figures, not a test: builds images from /usr once (BENCH_DIR), then measures.
 bench: bootstrap
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_registry.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

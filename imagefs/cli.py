@@ -2,76 +2,47 @@
 
 Errors are printed as one line (``imagefs: <what went wrong>``) with a
 non-zero exit status; ``--debug`` adds the traceback and debug logging.
+
+``imagefs SOURCE MOUNTPOINT -o OPTIONS``, the form mount(8) uses through
+``mount.fuse3``, means ``imagefs mount`` (see imagefs.mountopts).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, investigate
 from .cachedir import default_cache_dir
 from .errors import ImageFSError, UsageError
-from .mount import MountRequest, mount, umount
+from .mount import MountRequest, mount, umount, umount_if_stale
+from .mountopts import (
+    MountOptions,
+    apply_options,
+    check_privileges,
+    implicit_mount,
+    option_actions,
+    parse_options,
+    subcommand,
+    subcommands,
+)
+from .mounttab import format_table, list_mounts
+from .registry import cliargs as registry_cli
 from .sources import parse_platform
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-# -o options, as mount(8) and fstab pass them. Values are what the option
-# does to the mount; imagefs is always read-only, nosuid and nodev.
-_MOUNT_OPTION_FLAGS = {
-    "ro": None,
-    "nosuid": None,
-    "nodev": None,
-    "noexec": "noexec",
-    "exec": None,
-    "default_permissions": None,
-    "allow_other": "allow_other",
-    "auto": None,
-    "noauto": None,
-    "nofail": None,
-    "user": None,
-    "users": None,
-    "_netdev": None,
-    "defaults": None,
-}
-_IGNORED_WITH_WARNING = {
-    "rw": "imagefs is read-only; mounting read-only",
-    "suid": "setuid bits in the image stay inert (nosuid)",
-    "dev": "device files in the image stay inert (nodev)",
-}
 
-
-def _warn(message: str) -> None:
-    print(f"imagefs: warning: {message}", file=sys.stderr)
-
-
-def parse_mount_options(text: str | None) -> tuple[set[str], dict[str, str]]:
-    """Split ``-o a,b,key=value`` into FUSE flags and imagefs settings."""
-    flags: set[str] = set()
-    settings: dict[str, str] = {}
-    for item in filter(None, (text or "").split(",")):
-        key, has_value, value = item.partition("=")
-        if key.startswith("x-"):
-            continue  # fstab/systemd annotations (x-systemd.*) are not for us
-        if has_value:
-            if key not in ("image", "platform", "cache_dir", "log"):
-                raise UsageError(f"unknown mount option {key!r}")
-            settings[key] = value
-        elif key in _IGNORED_WITH_WARNING:
-            _warn(_IGNORED_WITH_WARNING[key])
-        elif key in _MOUNT_OPTION_FLAGS:
-            flag = _MOUNT_OPTION_FLAGS[key]
-            if flag:
-                flags.add(flag)
-        else:
-            raise UsageError(f"unknown mount option {key!r}")
-    return flags, settings
+def parse_mount_options(text: str | None) -> MountOptions:
+    """Sort ``-o`` text against the ``mount`` command's options (see imagefs.mountopts)."""
+    return parse_options(text, option_actions(subcommand(_build_parser(), "mount")))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -94,7 +65,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Mount SOURCE (an OCI layout, oci-archive or docker save tarball) "
         "read-only on MOUNTPOINT. Returns once the mount is live.",
     )
-    mount.add_argument("source", metavar="SOURCE", help="[docker-archive:|oci:|oci-archive:]PATH")
+    mount.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="[docker-archive:|oci:|oci-archive:]PATH, or a registry image [docker://]NAME[:TAG]",
+    )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     mount.add_argument("--image", metavar="NAME:TAG", help="image to use from a multi-image tar")
     mount.add_argument(
@@ -113,6 +88,30 @@ def _build_parser() -> argparse.ArgumentParser:
         "--cache-dir", type=Path, help=f"cache directory (default: {default_cache_dir()})"
     )
     mount.add_argument("--log", type=Path, metavar="FILE", help="also log to FILE")
+    mount.add_argument(
+        "--read-all",
+        action="store_true",
+        help="the mounting user may read every file, whatever its owner and mode "
+        "(drops default_permissions; not with --allow-other)",
+    )
+    mount.add_argument(
+        "--unsafe-suid", action="store_true", help="honour setuid/setgid bits (trusted images only)"
+    )
+    mount.add_argument(
+        "--unsafe-dev", action="store_true", help="honour device files (trusted images only)"
+    )
+    mount.add_argument(
+        "--layers",
+        action="store_true",
+        help="serve investigation views: rootfs/, layers/N/, upto/N/, deleted/N/, shadowed/N/",
+    )
+    mount.add_argument(
+        "--upto",
+        type=int,
+        metavar="N",
+        help="the file system as it stood after layer N (0 = base; -1 = last)",
+    )
+    registry_cli.add_registry_arguments(mount)
 
     umount = commands.add_parser(
         "umount",
@@ -122,40 +121,87 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     umount.add_argument("-z", "--lazy", action="store_true", help="lazy unmount")
+    umount.add_argument(
+        "--if-stale",
+        action="store_true",
+        help="only if its daemon is gone (for ExecStopPost=); nothing to do is success",
+    )
+
+    mounts = commands.add_parser(
+        "mounts",
+        parents=[common],
+        help="list live imagefs mounts with their source and daemon pid",
+        description="List the imagefs mounts of this mount namespace: mount point, the pid "
+        "of the daemon serving it (- if unknown) and the source; stale ones say so.",
+    )
+    mounts.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+    registry_cli.add_commands(commands, common)
+    investigate.add_commands(commands, common)
     return parser
 
 
-def _run_mount(args: argparse.Namespace) -> None:
-    flags, settings = parse_mount_options(args.options)
-    platform_text = args.platform or settings.get("platform")
-    cache_dir = args.cache_dir or settings.get("cache_dir")
-    log_file = args.log or settings.get("log")
+def _run_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    # -o key=value fills the matching --key option (mount(8) passes only -o).
+    flags = apply_options(args, subcommand(parser, "mount"))
+    check_privileges(
+        allow_other=args.allow_other,
+        read_all=args.read_all,
+        unsafe_suid=args.unsafe_suid,
+        unsafe_dev=args.unsafe_dev,
+    )
     request = MountRequest(
         source=args.source,
         mountpoint=args.mountpoint,
-        image=args.image or settings.get("image"),
-        platform=parse_platform(platform_text) if platform_text else None,
+        image=args.image,
+        platform=parse_platform(args.platform) if args.platform else None,
         foreground=args.foreground,
-        allow_other=args.allow_other or "allow_other" in flags,
+        allow_other=args.allow_other,
         debug=args.debug,
         quiet=args.quiet,
-        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(),
-        log_file=Path(log_file) if log_file else None,
-        extra_fuse_options=frozenset(flags - {"allow_other"}),
+        cache_dir=args.cache_dir or default_cache_dir(),
+        log_file=args.log,
+        extra_fuse_options=frozenset(flags),
+        read_all=args.read_all,
+        unsafe_suid=args.unsafe_suid,
+        unsafe_dev=args.unsafe_dev,
+        registry=registry_cli.registry_options(args, args.source),
+        layers=args.layers,
+        upto=args.upto,
     )
     mount(request)
 
 
 def _run_umount(args: argparse.Namespace) -> None:
-    umount(args.mountpoint, lazy=args.lazy)
+    if args.if_stale:
+        umount_if_stale(args.mountpoint)
+    else:
+        umount(args.mountpoint, lazy=args.lazy)
+
+
+def _run_mounts(args: argparse.Namespace) -> None:
+    mounts = list_mounts()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(mount) for mount in mounts], indent=2))
+    elif mounts:
+        print(format_table(mounts))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
+    # mount(8) (through mount.fuse3) runs "imagefs SOURCE MOUNTPOINT -o OPTIONS".
+    argv = implicit_mount(sys.argv[1:] if argv is None else argv, subcommands(parser))
     args = parser.parse_args(argv)
     try:
         if args.command == "mount":
-            _run_mount(args)
+            _run_mount(args, parser)
+        elif args.command == "mounts":
+            _run_mounts(args)
+        elif args.command == "pull":
+            registry_cli.run_pull(args)
+        elif args.command == "cache":
+            registry_cli.run_cache(args)
+        elif args.command in investigate.COMMANDS:
+            investigate.run(args)
         else:
             _run_umount(args)
     except UsageError as exc:

@@ -11,6 +11,9 @@ signalled. With ``--foreground`` there is no fork.
 
 SIGTERM, SIGINT and SIGHUP end the FUSE main loop and unmount cleanly; an
 unmount from outside (``imagefs umount``, ``fusermount3 -u``) ends it too.
+Under systemd the lifecycle is reported with sd_notify (``imagefs.notify``:
+status while loading, ``READY=1`` once mounted, ``STOPPING=1``), and each
+mount leaves a record for ``imagefs mounts`` (``imagefs.mounttab``).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import re
 import signal
 import stat
 import subprocess
-import sys
 import traceback
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +40,12 @@ from .errors import ImageFSError, MountError
 from .fs import ImageOperations
 from .image import Platform
 from .indexer import load_cached
+from .investigate import load_for_mount
 from .loader import load_image
-from .progress import Progress
+from .logsetup import stderr_handler
+from .mounttab import forget, mount_at, remove_record, write_record
+from .notify import Notifier, NotifyingProgress, StatusReporter, relay_status
+from .provenance import Provenance
 from .registry import RegistryOptions, is_registry_source
 from .registry.mounting import load_registry_image
 from .sources import open_image
@@ -65,6 +72,16 @@ class MountRequest:
     extra_fuse_options: frozenset[str] = field(default_factory=frozenset)
     # Mirrors, TLS, credentials (kept out of repr) for registry sources.
     registry: RegistryOptions = field(default_factory=RegistryOptions)
+    # Off by default, see README "Rootless use" and "Mount options":
+    # read_all drops default_permissions (the mounting user reads everything),
+    # unsafe_suid / unsafe_dev lift nosuid / nodev for a trusted image.
+    read_all: bool = False
+    unsafe_suid: bool = False
+    unsafe_dev: bool = False
+    # Investigation (imagefs.views): --layers serves every view of the image,
+    # --upto N the file system as it stood after layer N.
+    layers: bool = False
+    upto: int | None = None
 
     def fuse_options(self) -> set[str]:
         # fsname shows as the first column of /proc/mounts: keep the source
@@ -73,6 +90,14 @@ class MountRequest:
         options = set(BASE_FUSE_OPTIONS) | {f"fsname={fsname}"} | set(self.extra_fuse_options)
         if self.allow_other:
             options.add("allow_other")
+        if self.read_all:
+            options.discard("default_permissions")
+        if self.unsafe_suid:
+            options.discard("nosuid")
+            options.add("suid")  # libfuse mounts nosuid unless told "suid"
+        if self.unsafe_dev:
+            options.discard("nodev")
+            options.add("dev")
         return options
 
 
@@ -99,10 +124,9 @@ def _configure_logging(request: MountRequest) -> logging.Handler:
     level = logging.DEBUG if request.debug else logging.INFO
     log.setLevel(level)
     log.propagate = False
-    handler = logging.StreamHandler(sys.stderr)
-    # The terminal gets warnings and errors; the log file and syslog get all.
-    handler.setLevel(logging.DEBUG if request.debug else logging.WARNING)
-    handler.setFormatter(logging.Formatter("imagefs: %(levelname)s: %(message)s"))
+    # A detaching mount command shows warnings and errors; --foreground (a
+    # terminal, or journald under systemd) the whole log; see logsetup.
+    handler = stderr_handler(foreground=request.foreground, debug=request.debug)
     log.addHandler(handler)
     if request.log_file is not None:
         file_handler = logging.FileHandler(request.log_file)
@@ -129,14 +153,40 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
-async def _serve_until_stopped() -> bool:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextmanager
+def _deferred_stop_signals() -> Iterator[list[int]]:
+    """From the kernel mount until trio listens, remember stop signals.
+
+    Dying of one in that window would leave a mount without a daemon (a stale
+    mount); instead the serving loop sees it at once and unmounts.
+    """
+    received: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in STOP_SIGNALS
+    }
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+async def _serve_until_stopped(early_signals: list[int]) -> bool:
     """Run the FUSE loop; True if a signal stopped it (so we must unmount)."""
     stopped_by_signal = False
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal stopped_by_signal
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             task_status.started()
+            if early_signals:
+                log.info("received %s, unmounting", signal.Signals(early_signals[0]).name)
+                stopped_by_signal = True
+                pyfuse3.terminate()
+                return
             async for signum in signals:
                 log.info("received %s, unmounting", signal.Signals(signum).name)
                 stopped_by_signal = True
@@ -157,10 +207,27 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
     before that propagate to the caller, which reports them.
     """
     stderr_handler = _configure_logging(request)
+    notifier = Notifier.from_environment()
+    report_status = StatusReporter(notifier, ready_fd)
     with ExitStack() as stack:
-        progress = Progress(enabled=not request.quiet)
+        report_status(f"opening {request.source}")
+        # Terminal progress lines, and a STATUS= line per step under systemd.
+        progress = NotifyingProgress(report_status, enabled=not request.quiet)
         cache_dir = ensure_cache_dir(request.cache_dir) if request.cache_dir else None
-        if is_registry_source(request.source):
+        if request.layers or request.upto is not None:
+            loaded = load_for_mount(
+                request.source,
+                image=request.image,
+                platform=request.platform,
+                registry=request.registry,
+                cache_dir=cache_dir,
+                layers=request.layers,
+                upto=request.upto,
+                warn=log.warning,
+                progress=progress,
+            )
+            image = loaded.image
+        elif is_registry_source(request.source):
             # Network work happens here, in the daemon child, after the fork.
             image, loaded = load_registry_image(
                 request.source,
@@ -181,14 +248,22 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
             else:
                 loaded = load_image(image, cache_dir=None, warn=log.warning, progress=progress)
         stack.callback(loaded.close)
-        operations = ImageOperations(loaded.tree, loaded.content)
+        operations = ImageOperations(
+            loaded.tree, loaded.content, Provenance(loaded.image, log.warning)
+        )
         check_mountpoint(request.mountpoint)
+        # Resolved now: once mounted, resolving would stat our own root, which
+        # this process cannot answer before its loop runs.
+        target = os.path.realpath(request.mountpoint)
+        early_signals = stack.enter_context(_deferred_stop_signals())
         try:
             pyfuse3.init(operations, str(request.mountpoint), request.fuse_options())
         except RuntimeError as exc:
             raise MountError(f"cannot mount on {request.mountpoint}: {exc}") from None
         unmount = True
+        record: Path | None = None
         try:
+            record = _record_mount(request.source, target)
             log.info(
                 "mounted %s on %s (%d layers, %d inodes)",
                 request.source,
@@ -197,14 +272,29 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 loaded.tree.count,
             )
             if ready_fd is not None:
+                # The parent relays readiness to systemd (it is the main pid).
                 os.write(ready_fd, b"ok\n")
                 os.close(ready_fd)
                 _detach_logging(stderr_handler, request)
                 _detach_stdio()
-            unmount = trio.run(_serve_until_stopped)
+            else:
+                notifier.ready(status=f"serving {request.source} on {target}")
+            unmount = trio.run(_serve_until_stopped, early_signals)
         finally:
+            notifier.stopping(status=f"unmounting {target}")
             pyfuse3.close(unmount=unmount)
+            if record is not None:
+                remove_record(record)
             log.info("unmounted %s", request.mountpoint)
+
+
+def _record_mount(source: str, target: str) -> Path | None:
+    """Leave the record ``imagefs mounts`` reads; a failure only costs the pid column."""
+    try:
+        return write_record(source, target)
+    except (OSError, ValueError, IndexError) as exc:  # unwritable dir, odd mountinfo
+        log.warning("cannot record this mount for 'imagefs mounts': %s", exc)
+        return None
 
 
 def _child(request: MountRequest, ready_fd: int) -> int:
@@ -249,14 +339,17 @@ def mount(request: MountRequest) -> None:
             os._exit(code)
     os.close(write_fd)
     status = b""
+    notifier = Notifier.from_environment()
     try:
         with os.fdopen(read_fd, "rb") as pipe:
-            status = pipe.readline()
+            status = relay_status(pipe, notifier)
     except KeyboardInterrupt:
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         raise
     if status.startswith(b"ok"):
+        # systemd listens to its main pid (us): hand the unit to the daemon.
+        notifier.ready(main_pid=pid, status=f"serving {request.source} on {request.mountpoint}")
         return
     os.waitpid(pid, 0)
     message = status.decode(errors="replace").removeprefix("error ").strip()
@@ -301,6 +394,7 @@ def umount(mountpoint: Path, lazy: bool = False) -> None:
         raise MountError(f"{mountpoint} is not mounted")
     if not fstype.startswith("fuse"):
         raise MountError(f"{mountpoint} is not a FUSE mount ({fstype})")
+    entry = mount_at(os.path.realpath(mountpoint))
     result = _fusermount(mountpoint, lazy)
     if result.returncode != 0 and not lazy and _is_stale(mountpoint):
         # A dead daemon leaves "Transport endpoint is not connected"; if the
@@ -308,7 +402,25 @@ def umount(mountpoint: Path, lazy: bool = False) -> None:
         result = _fusermount(mountpoint, lazy=True)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
-        raise MountError(f"cannot unmount {mountpoint}: {lines[-1] if lines else 'failed'}")
+        reason = lines[-1] if lines else "failed"
+        if "busy" in reason:
+            reason += " (a process uses it: close it, or detach with 'imagefs umount -z')"
+        raise MountError(f"cannot unmount {mountpoint}: {reason}")
+    if entry is not None:
+        forget(entry)  # the daemon removes its record itself, unless it was killed
+
+
+def umount_if_stale(mountpoint: Path) -> bool:
+    """Detach ``mountpoint`` only if it is an imagefs mount whose daemon is gone.
+
+    For systemd's ``ExecStopPost=``: after a crash or a SIGKILL the mount must
+    not stay behind, but a live mount (ours or another unit's) is left alone.
+    Returns True if it unmounted something.
+    """
+    if _mount_fstype(mountpoint) != "fuse.imagefs" or not _is_stale(mountpoint):
+        return False
+    umount(mountpoint, lazy=True)
+    return True
 
 
 def _fusermount(mountpoint: Path, lazy: bool) -> subprocess.CompletedProcess[str]:
