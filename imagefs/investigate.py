@@ -10,7 +10,6 @@ registry references are pulled into the cache first (as ``imagefs pull``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -50,20 +49,14 @@ def open_any_image(
     if is_registry_source(source):
         if image is not None:
             raise UsageError(f"{source}: --image selects within a tar, not a registry reference")
-        pulled = pull(
+        # pull() returns once every blob is complete in the cache, as plain
+        # cache-file ranges.
+        return pull(
             source,
             platform=platform,
             options=registry or RegistryOptions(),
             cache_dir=ensure_cache_dir(cache_dir or default_cache_dir()),
         )
-        # pull() returns once every blob is complete in the cache, but layers
-        # it downloaded still read through their (now closed) downloads:
-        # point them at the cached files themselves.
-        layers = tuple(
-            dataclasses.replace(layer, blob=dataclasses.replace(layer.blob, feed=None))
-            for layer in pulled.layers
-        )
-        return dataclasses.replace(pulled, layers=layers)
     return open_image(source, image=image, platform=platform)
 
 

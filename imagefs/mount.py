@@ -36,7 +36,7 @@ import pyfuse3
 import trio
 
 from .cachedir import default_cache_dir, ensure_cache_dir
-from .errors import ImageFSError, MountError
+from .errors import ImageFSError, MountError, UsageError
 from .fs import ImageOperations
 from .image import Platform
 from .indexer import load_cached
@@ -325,6 +325,8 @@ def _report(ready_fd: int, message: str) -> None:
 def mount(request: MountRequest) -> None:
     """Mount and return once the mount is live (or serve, with --foreground)."""
     check_mountpoint(request.mountpoint)
+    if request.image and is_registry_source(request.source):
+        raise UsageError("--image picks an image inside a tarball; a registry reference names one")
     if request.foreground:
         serve(request, None)
         return

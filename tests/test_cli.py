@@ -82,3 +82,10 @@ def test_rw_suid_dev_stay_safe_with_one_warning() -> None:
     parsed = parse_mount_options("rw,suid,dev")
     assert parsed.fuse_flags == set() and parsed.settings == {}
     assert len(parsed.warnings) == 1 and "read-only" in parsed.warnings[0]
+
+
+def test_image_option_with_registry_reference_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    result = run_imagefs("mount", "--image", "a:b", "registry.invalid/x:1", tmp_path / "mnt")
+    assert result.returncode == 2
+    assert "registry reference" in one_line_error(result.stderr)

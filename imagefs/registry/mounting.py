@@ -4,8 +4,8 @@ A registry image whose layers are all cached is loaded like a local one
 (``indexer.load_cached``: the persisted tree is mapped). One with downloads in
 flight is loaded in this process, so the layer pass reads each blob while it
 downloads (``indexer`` builds in a forked child, which would not see this
-process's download threads); its merged tree is then persisted, so the next
-mount of the image maps it instead of scanning again.
+process's download threads); its merged tree is then persisted and served
+from the mapped file, like every later mount of the image.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..loader import LoadedImage, load_image
 from ..packedtree import write_packed_tree
 from ..progress import Progress
 from .config import RegistryOptions
-from .pull import open_registry_image
+from .pull import open_registry_image, without_feeds
 
 log = logging.getLogger(__name__)
 
@@ -53,4 +53,9 @@ def load_registry_image(
     except (ImageFSError, OSError) as exc:
         # The mount works without it; the next one scans again.
         log.warning("cannot persist the index of %s: %s", source, exc)
-    return image, loaded
+        return image, loaded
+    # Serve from the mapped file like any later mount, so the daemon does not
+    # keep one Python object per entry for its whole life.
+    loaded.close()
+    image = without_feeds(image)
+    return image, load_cached(image, cache_dir=cache_dir, warn=warn, progress=progress)

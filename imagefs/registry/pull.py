@@ -12,6 +12,7 @@ Everything here runs in the mount daemon, after the fork (it starts threads).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import sys
@@ -415,4 +416,17 @@ def pull(
     finally:
         downloads.close()
         registry.close()
-    return image
+    # The downloads are finished and closed: hand back plain cached blobs, not
+    # ranges that would wait on (closed) feeds when read.
+    return without_feeds(image)
+
+
+def without_feeds(image: Image) -> Image:
+    """``image`` with every layer's blob as a plain cache file range."""
+    layers = tuple(
+        dataclasses.replace(
+            layer, blob=BlobRange(layer.blob.path, layer.blob.offset, layer.blob.length)
+        )
+        for layer in image.layers
+    )
+    return dataclasses.replace(image, layers=layers)
