@@ -1,4 +1,5 @@
-"""Command line: ``imagefs mount`` and ``imagefs umount``.
+"""Command line: ``imagefs mount``, ``umount``, ``mounts``, ``pull``, ``cache``,
+``inspect``, ``which`` and ``diff``.
 
 Errors are printed as one line (``imagefs: <what went wrong>``) with a
 non-zero exit status; ``--debug`` adds the traceback and debug logging.
