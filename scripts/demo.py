@@ -73,6 +73,15 @@ def main() -> int:
             run("grep", "-r", "hello", mountpoint / "usr", check=False)
         finally:
             run(*IMAGEFS, "umount", mountpoint)
+        print("\n# For an incident: what is this image, and what did its layers hide?")
+        run(*IMAGEFS, "inspect", archive)
+        run(*IMAGEFS, "mount", "--layers", archive, mountpoint)
+        try:
+            run("ls", mountpoint, mountpoint / "layers")
+            run("grep", "-r", "password", mountpoint / "deleted", check=False)
+            run("getfattr", "-n", "user.imagefs.layer_index", mountpoint / "rootfs/srv/app/README")
+        finally:
+            run(*IMAGEFS, "umount", mountpoint)
     print("\nDemo finished: mounted, read and unmounted without extracting anything.")
     return 0
 
