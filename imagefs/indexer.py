@@ -28,8 +28,9 @@ from .content import ContentReader
 from .errors import ImageFSError
 from .image import Image
 from .layerio import LayerData, open_layer_data
-from .loader import LoadedImage, load_image
-from .packedtree import PackedTree, open_packed_tree, write_packed_tree
+from .loader import LoadedImage, scan_layer
+from .overlay import merge_layers
+from .packedtree import PackedTree, open_packed_tree, write_packed_root
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,16 @@ def load_cached(
     if tree is None:
 
         def build() -> None:
-            loaded = load_image(image, cache_dir=cache_dir, warn=warn, progress=progress)
-            try:
-                write_packed_tree(loaded.tree, path, sources)
-            finally:
-                loaded.close()
+            report = warn or log.warning
+            shown = progress or Progress(False)
+            layer_entries = [
+                scan_layer(layer, index, len(image.layers), warn=report, progress=shown,
+                           cache_dir=cache_dir)
+                for index, layer in enumerate(image.layers)
+            ]  # fmt: skip
+            root = merge_layers(layer_entries, report)
+            del layer_entries
+            write_packed_root(root, path, sources)
 
         log.debug("building the index of %s into %s", image.source, path)
         _build_in_child(build)

@@ -47,6 +47,10 @@ _INODE = struct.Struct("<BxxxIIIIIiQqQQIIQI4x")
 _DIRENT = struct.Struct("<QII")
 _U32 = struct.Struct("<I")
 _U64PAIR = struct.Struct("<QQ")
+# Where the fields patched after the fact sit inside an _INODE record.
+_NLINK_AT = 16
+_RUN = struct.Struct("<II")  # first dirent, dirent count
+_RUN_AT = 60
 _NO_SPARSE = 0xFFFFFFFF
 
 
@@ -106,7 +110,7 @@ def _decode_extra(
 
 
 def write_packed_tree(tree: MergedTree, path: Path, sources: dict[str, Any]) -> None:
-    """Persist ``tree`` atomically (temporary file, then rename)."""
+    """Persist a frozen ``tree`` atomically (temporary file, then rename)."""
     pool = _Pool()
     inodes = bytearray()
     dirents = bytearray()
@@ -121,30 +125,113 @@ def write_packed_tree(tree: MergedTree, path: Path, sources: dict[str, Any]) -> 
                 dirents += _DIRENT.pack(pool.add(name), len(name), child)
             count = len(inode.listing)
             dirent_count += count
-        extra = _encode_extra(node)
-        extra_offset = pool.add(extra) if extra else 0
-        inodes += _INODE.pack(
-            int(node.type), node.mode, node.uid, node.gid, inode.nlink, inode.parent,
-            node.layer, node.size, node.mtime_ns, node.rdev, node.data_offset,
-            first, count, extra_offset, len(extra),
-        )  # fmt: skip
+        inodes += _pack_inode(
+            node, pool, nlink=inode.nlink, parent=inode.parent, first=first, count=count
+        )
+    _write_file(
+        path, sources, inodes=inodes, dirents=dirents, pool=pool,
+        inode_count=tree.count, dirent_count=dirent_count, total_size=tree.total_size,
+    )  # fmt: skip
+
+
+def write_packed_root(root: Node, path: Path, sources: dict[str, Any]) -> None:
+    """Persist the tree under a merged ``root`` directly, numbering as ``freeze`` does.
+
+    One pass with no object per inode: a record is packed when its node is
+    first met and patched later where only later is known (a directory's
+    entries and link count, a hardlinked file's name count). Building a
+    million-entry image this way skips ``freeze``'s million ``Inode`` objects.
+    """
+    pool = _Pool()
+    inodes = bytearray()
+    dirents = bytearray()
+    ino_of: dict[int, int] = {}  # id(node) -> ino; nodes stay alive in the tree
+    extra_names: dict[int, int] = {}  # ino -> names beyond the first (hardlinks)
+    total_size = 0
+
+    def number(node: Node, parent: int) -> tuple[int, bool]:
+        nonlocal total_size
+        ino = ino_of.get(id(node))
+        if ino is not None:
+            extra_names[ino] = extra_names.get(ino, 0) + 1
+            return ino, False
+        ino = len(ino_of) + 1
+        ino_of[id(node)] = ino
+        inodes.extend(_pack_inode(node, pool, nlink=2 if node.is_dir else 1, parent=parent))
+        if node.type is EntryType.FILE:
+            total_size += node.size
+        return ino, True
+
+    number(root, ROOT_INO)
+    dirent_count = 0
+    stack: list[tuple[Node, int]] = [(root, ROOT_INO)]
+    while stack:
+        directory, directory_ino = stack.pop()
+        assert directory.children is not None
+        children = sorted((os.fsencode(name), child) for name, child in directory.children.items())
+        new_dirs: list[tuple[Node, int]] = []
+        subdirectories = 0
+        for name, child in children:
+            child_ino, is_new = number(child, directory_ino)
+            dirents += _DIRENT.pack(pool.add(name), len(name), child_ino)
+            if child.is_dir:
+                subdirectories += 1
+                if is_new:
+                    new_dirs.append((child, child_ino))
+        record = (directory_ino - 1) * _INODE.size
+        _U32.pack_into(inodes, record + _NLINK_AT, 2 + subdirectories)
+        _RUN.pack_into(inodes, record + _RUN_AT, dirent_count, len(children))
+        dirent_count += len(children)
+        # Depth first in name order, as freeze numbers them.
+        stack.extend(reversed(new_dirs))
+    for ino, extra in extra_names.items():
+        _U32.pack_into(inodes, (ino - 1) * _INODE.size + _NLINK_AT, 1 + extra)
+    _write_file(
+        path, sources, inodes=inodes, dirents=dirents, pool=pool,
+        inode_count=len(ino_of), dirent_count=dirent_count, total_size=total_size,
+    )  # fmt: skip
+
+
+def _pack_inode(
+    node: Node, pool: _Pool, *, nlink: int, parent: int, first: int = 0, count: int = 0
+) -> bytes:
+    extra = _encode_extra(node)
+    extra_offset = pool.add(extra) if extra else 0
+    return _INODE.pack(
+        int(node.type), node.mode, node.uid, node.gid, nlink, parent,
+        node.layer, node.size, node.mtime_ns, node.rdev, node.data_offset,
+        first, count, extra_offset, len(extra),
+    )  # fmt: skip
+
+
+def _write_file(
+    path: Path,
+    sources: dict[str, Any],
+    *,
+    inodes: bytearray,
+    dirents: bytearray,
+    pool: _Pool,
+    inode_count: int,
+    dirent_count: int,
+    total_size: int,
+) -> None:
+    """Header, body and an atomic rename: readers see the old file or the new."""
     sources_blob = json.dumps(sources, sort_keys=True).encode()
     sources_offset = _HEADER.size
     inodes_offset = sources_offset + len(sources_blob)
     dirents_offset = inodes_offset + len(inodes)
     pool_offset = dirents_offset + len(dirents)
-    body = b"".join((sources_blob, inodes, dirents, pool.data))
+    crc = zlib.crc32(pool.data, zlib.crc32(dirents, zlib.crc32(inodes, zlib.crc32(sources_blob))))
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, tree.count, dirent_count, tree.total_size,
-        sources_offset, len(sources_blob), inodes_offset, dirents_offset, pool_offset,
-        zlib.crc32(body),
+        MAGIC, FORMAT_VERSION, inode_count, dirent_count, total_size,
+        sources_offset, len(sources_blob), inodes_offset, dirents_offset, pool_offset, crc,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("wb") as handle:
-            handle.write(header)
-            handle.write(body)
+            for part in (header, sources_blob, inodes, dirents, pool.data):
+                handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)

@@ -9,7 +9,7 @@ import pytest
 
 from imagefs.entry import EntryType, TarEntry
 from imagefs.overlay import merge_layers
-from imagefs.packedtree import open_packed_tree, write_packed_tree
+from imagefs.packedtree import open_packed_tree, write_packed_root, write_packed_tree
 from imagefs.tree import MergedTree, freeze
 
 SOURCES = {"layers": ["sha256:aa", "sha256:bb"], "schema": 1}
@@ -116,3 +116,28 @@ def test_write_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
     write_packed_tree(sample_tree(), path, SOURCES)
     write_packed_tree(sample_tree(), path, SOURCES)
     assert [p.name for p in path.parent.iterdir()] == ["tree"]
+
+
+def test_direct_write_from_merged_root_equals_frozen_tree(tmp_path: Path) -> None:
+    layers = [
+        [
+            entry("a/x", size=3, data_offset=512),
+            entry("a/y", EntryType.HARDLINK, linkname="a/x"),
+            entry("b/z", EntryType.HARDLINK, linkname="a/x"),
+            entry("b/c/d/", EntryType.DIRECTORY),
+            entry("s", EntryType.SYMLINK, linkname="a", xattrs=(("trusted.t", b"v"),)),
+        ],
+        [entry("b/.wh.z"), entry("e", size=9, data_offset=4096, sparse=((1, 2),))],
+    ]
+    root = merge_layers(layers, lambda message: None)
+    write_packed_root(root, tmp_path / "direct", SOURCES)
+    direct = open_packed_tree(tmp_path / "direct", SOURCES)
+    assert direct is not None
+    try:
+        frozen = freeze(root)
+        assert describe(direct) == describe(frozen)
+        assert (direct.count, direct.total_size) == (frozen.count, frozen.total_size)
+        hard = direct.resolve("a/x")
+        assert hard is not None and hard.nlink == 2
+    finally:
+        direct.close()
