@@ -24,13 +24,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from .content import ContentReader
 from .errors import ImageFSError
 from .image import Image
-from .layerio import LayerData, open_layer_data
-from .loader import LoadedImage, scan_layer
+from .loader import LoadedImage, scan_layer, with_readers
 from .overlay import merge_layers
-from .packedtree import PackedTree, open_packed_tree, write_packed_root
+from .packedtree import open_packed_tree, write_packed_root
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -126,20 +124,6 @@ def load_cached(
         tree = open_packed_tree(path, sources)
         if tree is None:
             raise ImageFSError(f"the index written to {path} cannot be read back")
-    return _with_readers(image, tree, cache_dir)
-
-
-def _with_readers(image: Image, tree: PackedTree, cache_dir: Path) -> LoadedImage:
     resources = ExitStack()
     resources.callback(tree.close)
-    try:
-        readers: list[LayerData] = []
-        for layer in image.layers:
-            reader = open_layer_data(layer, str(cache_dir))
-            resources.callback(reader.close)
-            readers.append(reader)
-    except BaseException:
-        resources.close()
-        raise
-    names = [layer.descriptor.digest for layer in image.layers]
-    return LoadedImage(image, tree, ContentReader(readers, names), resources)
+    return with_readers(image, tree, cache_dir, resources)

@@ -100,7 +100,13 @@ def load_image(
     ]
     tree = freeze(build(layer_entries, warn))
     del layer_entries
-    resources = ExitStack()
+    return with_readers(image, tree, cache_dir, ExitStack())
+
+
+def with_readers(
+    image: Image, tree: MergedTree, cache_dir: Path | None, resources: ExitStack
+) -> LoadedImage:
+    """Open a random-access reader per layer; ``resources`` will close them."""
     try:
         readers: list[LayerData] = []
         for layer in image.layers:

@@ -306,21 +306,6 @@ class PackedTree(MergedTree):
                 high = middle
         return None
 
-    def walk(self) -> list[tuple[str, Inode]]:
-        out: list[tuple[str, Inode]] = []
-        root = self.get(ROOT_INO)
-        assert root is not None
-        stack: list[tuple[str, Inode]] = [("", root)]
-        while stack:
-            path, inode = stack.pop()
-            out.append((path, inode))
-            for name, ino in reversed(list(inode.listing or ())):
-                child = self.get(ino)
-                assert child is not None
-                child_path = f"{path}/{os.fsdecode(name)}" if path else os.fsdecode(name)
-                stack.append((child_path, child))
-        return out
-
 
 class _LazyListing(Sequence[tuple[bytes, int]]):
     """A directory's sorted (name, ino) entries, read from the mapping on access."""

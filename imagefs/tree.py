@@ -76,8 +76,8 @@ class MergedTree:
         while stack:
             path, inode = stack.pop()
             out.append((path, inode))
-            for name, ino in reversed(inode.listing or ()):
-                child = self._inodes[ino]
+            for name, ino in reversed(list(inode.listing or ())):
+                child = self.get(ino)
                 assert child is not None
                 child_path = f"{path}/{os.fsdecode(name)}" if path else os.fsdecode(name)
                 stack.append((child_path, child))
