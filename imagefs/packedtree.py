@@ -336,6 +336,21 @@ class _LazyListing(Sequence[tuple[bytes, int]]):
             yield self._tree._dirent(self._first + index)
 
 
+def _body_crc(path: Path) -> int:
+    """CRC-32 of everything after the header, read with read(2), not the mapping.
+
+    Checking through the mapping would make every page of the file resident
+    in the daemon (RSS the size of the tree); plain reads leave them in the
+    page cache, where the kernel may drop them until a lookup needs them.
+    """
+    crc = 0
+    with path.open("rb", buffering=0) as handle:
+        handle.seek(_HEADER.size)
+        while chunk := handle.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def open_packed_tree(path: Path, sources: dict[str, Any]) -> PackedTree | None:
     """Open a packed tree if it is intact and was built from ``sources``."""
     try:
@@ -348,10 +363,7 @@ def open_packed_tree(path: Path, sources: dict[str, Any]) -> PackedTree | None:
         return None
     header = _HEADER.unpack_from(mapping, 0)
     magic, version, _, _, _, sources_offset, sources_len, *_, crc = header
-    valid = magic == MAGIC and version == FORMAT_VERSION
-    if valid:
-        with memoryview(mapping) as view, view[_HEADER.size :] as body:
-            valid = zlib.crc32(body) == crc
+    valid = magic == MAGIC and version == FORMAT_VERSION and _body_crc(path) == crc
     if valid:
         try:
             stored = json.loads(mapping[sources_offset : sources_offset + sources_len])
