@@ -31,6 +31,21 @@ class ContentReader:
             return self._pread(node, node.data_offset + offset, size)
         return self._read_sparse(node, offset, size)
 
+    def read_cached(self, node: Node, offset: int, size: int) -> bytes | None:
+        """Like :meth:`read`, but only if it cannot block; None means "use read".
+
+        Only plain (uncompressed) layers can answer: their bytes are a range
+        of the blob, and the page cache either has it or not.
+        """
+        if node.sparse is not None or offset >= node.size or size <= 0:
+            return None
+        reader = self._layers[node.layer]
+        pread_cached = getattr(reader, "pread_cached", None)
+        if pread_cached is None:
+            return None
+        data: bytes | None = pread_cached(node.data_offset + offset, min(size, node.size - offset))
+        return data
+
     def _pread(self, node: Node, layer_offset: int, size: int) -> bytes:
         data = self._layers[node.layer].pread(layer_offset, size)
         if len(data) != size:

@@ -218,6 +218,11 @@ class ImageOperations(pyfuse3.Operations):
     @_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         node = self._inode(fh).node
+        # Hot data straight from the page cache, on the loop; anything that
+        # could block (disk, decompression) in a worker thread.
+        cached = self.content.read_cached(node, off, size)
+        if cached is not None:
+            return cached
         return await trio.to_thread.run_sync(
             self.content.read, node, off, size, limiter=self._read_limiter
         )

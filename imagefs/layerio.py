@@ -85,6 +85,7 @@ zstd pass peaks at 46 MB, and zstd reads share a 32 MB frame cache.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import shutil
@@ -285,6 +286,27 @@ class _PlainLayerData:
         with self._in_use:
             return pread_exact(self._fd, size, self._base + offset)
 
+    def pread_cached(self, offset: int, size: int) -> bytes | None:
+        """The bytes if the page cache already holds all of them, else None.
+
+        ``RWF_NOWAIT`` makes the kernel answer from the page cache or refuse
+        (EAGAIN) instead of going to the disk, so the FUSE loop can serve hot
+        data itself (no thread hop: twice the throughput measured here) and
+        still never block on a cold read.
+        """
+        size = min(size, self.size - offset)
+        if offset < 0 or size <= 0:
+            return None
+        buffer = bytearray(size)
+        with self._in_use:
+            try:
+                got = os.preadv(self._fd, [buffer], self._base + offset, os.RWF_NOWAIT)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+                    return None
+                raise
+        return bytes(buffer) if got == size else None
+
     def close(self) -> None:
         if self._in_use.close():
             os.close(self._fd)
@@ -415,7 +437,7 @@ def open_layer_stream(layer: Layer, cache_dir: str | None = None) -> Iterator[La
 def _usable_cache_dir(cache_dir: str) -> bool:
     """Create ``cache_dir`` if needed; False (with a warning) if it cannot be written."""
     try:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
         log.warning("cache directory %s unusable: %s", cache_dir, exc)
         return False

@@ -1,0 +1,78 @@
+"""The non-blocking page-cache read path of plain layers (RWF_NOWAIT)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from imagefs.content import ContentReader
+from imagefs.entry import EntryType
+from imagefs.image import BlobRange, Descriptor, Layer
+from imagefs.layerio import open_layer_data
+from imagefs.overlay import Node
+from tests import builder
+
+MEDIA = "application/vnd.oci.image.layer.v1.tar"
+
+
+def plain_layer(tmp_path: Path, data: bytes) -> Layer:
+    # The blob sits inside a larger file, as a docker save member does.
+    path = tmp_path / "outer"
+    path.write_bytes(b"junk" * 1000 + data + b"tail" * 1000)
+    digest = builder.sha256_digest(data)
+    return Layer(Descriptor(MEDIA, digest, len(data)), BlobRange(str(path), 4000, len(data)))
+
+
+def test_cached_reads_equal_blocking_reads_or_decline(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    layer = plain_layer(tmp_path, data)
+    reader = open_layer_data(layer, None)
+    try:
+        rng = random.Random(5)
+        answered = 0
+        for _ in range(300):
+            offset = rng.randrange(len(data) + 10)
+            size = rng.choice([1, 4096, 131072, 1 << 20])
+            cached = reader.pread_cached(offset, size)  # type: ignore[attr-defined]
+            if cached is not None:
+                answered += 1
+                assert cached == data[offset : offset + size]
+        # The file was just written: its pages are in the page cache.
+        assert answered > 0
+    finally:
+        reader.close()
+
+
+def test_evicted_pages_are_declined_not_misread(tmp_path: Path) -> None:
+    data = os.urandom(1 << 20)
+    layer = plain_layer(tmp_path, data)
+    reader = open_layer_data(layer, None)
+    try:
+        fd = os.open(layer.blob.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        cached = reader.pread_cached(0, 65536)  # type: ignore[attr-defined]
+        assert cached is None or cached == data[:65536]
+        assert reader.pread(0, 65536) == data[:65536]
+    finally:
+        reader.close()
+
+
+def test_content_reader_uses_the_cache_only_for_plain_contiguous_files(tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    layer = plain_layer(tmp_path, data)
+    reader = open_layer_data(layer, None)
+    try:
+        content = ContentReader([reader], [layer.descriptor.digest])
+        plain = Node(EntryType.FILE, 0o644, 0, 0, 0, 0, size=5000, data_offset=1000)
+        assert content.read_cached(plain, 10, 100) in (None, data[1010:1110])
+        assert content.read_cached(plain, 5000, 10) is None  # at the end: the normal path
+        sparse = Node(EntryType.FILE, 0o644, 0, 0, 0, 0, size=5000, data_offset=0,
+                      sparse=((0, 10),))  # fmt: skip
+        assert content.read_cached(sparse, 0, 10) is None
+    finally:
+        reader.close()
