@@ -28,7 +28,7 @@ from .content import ContentReader
 from .entry import EntryType
 from .errors import ImageFSError
 from .provenance import Provenance
-from .tree import Inode, MergedTree
+from .tree import Inode, MergedTree, Stat, stat_of
 
 log = logging.getLogger(__name__)
 
@@ -97,25 +97,24 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return inode
 
-    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        node = inode.node
+    def attributes(self, inode: Inode | Stat) -> pyfuse3.EntryAttributes:
+        stat = inode if isinstance(inode, Stat) else stat_of(inode)
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.InodeT(inode.ino)
+        attr.st_ino = pyfuse3.InodeT(stat.ino)
         attr.generation = 0
         attr.entry_timeout = CACHE_TIMEOUT
         attr.attr_timeout = CACHE_TIMEOUT
-        attr.st_mode = pyfuse3.ModeT(_TYPE_BITS[node.type] | node.mode)
-        attr.st_nlink = inode.nlink
-        attr.st_uid = node.uid
-        attr.st_gid = node.gid
-        attr.st_rdev = node.rdev
-        attr.st_size = node.size
+        attr.st_mode = pyfuse3.ModeT(_TYPE_BITS[stat.type] | stat.mode)
+        attr.st_nlink = stat.nlink
+        attr.st_uid = stat.uid
+        attr.st_gid = stat.gid
+        attr.st_rdev = stat.rdev
+        attr.st_size = stat.size
         attr.st_blksize = BLOCK_SIZE
-        stored = node.size if node.sparse is None else sum(n for _, n in node.sparse)
-        attr.st_blocks = (stored + 511) // 512
-        attr.st_atime_ns = node.mtime_ns
-        attr.st_mtime_ns = node.mtime_ns
-        attr.st_ctime_ns = node.mtime_ns
+        attr.st_blocks = (stat.stored + 511) // 512
+        attr.st_atime_ns = stat.mtime_ns
+        attr.st_mtime_ns = stat.mtime_ns
+        attr.st_ctime_ns = stat.mtime_ns
         return attr
 
     # -- metadata -------------------------------------------------------------
@@ -187,12 +186,15 @@ class ImageOperations(pyfuse3.Operations):
         position = start_id
         while position < len(listing) + 2:
             if position == 0:
-                name, target = b".", directory
+                name, ino = b".", directory.ino
             elif position == 1:
-                name, target = b"..", self._inode(directory.parent)
+                name, ino = b"..", directory.parent
             else:
                 name, ino = listing[position - 2]
-                target = self._inode(ino)
+            # Attributes straight from the tree: no per-entry node objects.
+            target = self.tree.stat(ino)
+            if target is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
             if not pyfuse3.readdir_reply(
                 token, pyfuse3.FileNameT(name), self.attributes(target), position + 1
             ):

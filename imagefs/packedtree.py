@@ -33,7 +33,7 @@ from typing import Any, overload
 
 from .entry import EntryType
 from .overlay import Node
-from .tree import ROOT_INO, Inode, MergedTree
+from .tree import ROOT_INO, Inode, MergedTree, Stat
 
 MAGIC = b"IMGFSTRE"
 FORMAT_VERSION = 1
@@ -226,10 +226,15 @@ def _write_file(
         MAGIC, FORMAT_VERSION, inode_count, dirent_count, total_size,
         sources_offset, len(sources_blob), inodes_offset, dirents_offset, pool_offset, crc,
     )  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Explicit modes, whatever the umask: a tree another local user could
+    # replace would be served by the next mount (SECURITY.md). O_EXCL and
+    # O_NOFOLLOW: never write through a planted symlink.
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)  # left by a killed process with our pid
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        with temporary.open("wb") as handle:
+        with os.fdopen(os.open(temporary, flags, 0o644), "wb") as handle:
             for part in (header, sources_blob, inodes, dirents, pool.data):
                 handle.write(part)
             handle.flush()
@@ -283,6 +288,18 @@ class PackedTree(MergedTree):
             node.children = {}
             listing = _LazyListing(self, first, count)
         return Inode(ino=ino, node=node, nlink=nlink, parent=parent, listing=listing)
+
+    def stat(self, ino: int) -> Stat | None:
+        if not 0 < ino <= self.count:
+            return None
+        (kind, mode, uid, gid, nlink, _, _, size, mtime_ns, rdev, _, _, _,
+         extra_offset, extra_len) = self._record(ino)  # fmt: skip
+        stored = size
+        if extra_len and kind == EntryType.FILE:
+            sparse = _decode_extra(self._pool(extra_offset, extra_len))[2]
+            if sparse is not None:
+                stored = sum(length for _, length in sparse)
+        return Stat(ino, EntryType(kind), mode, nlink, uid, gid, rdev, size, stored, mtime_ns)
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         if not 0 < parent <= self.count:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .entry import EntryType
 from .overlay import Node
@@ -32,6 +33,30 @@ class Inode:
     listing: Sequence[tuple[bytes, int]] | None = None  # directories: sorted (name, ino)
 
 
+class Stat(NamedTuple):
+    """What ``stat`` reports for an inode (``stored``: bytes with data, for st_blocks)."""
+
+    ino: int
+    type: EntryType
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    stored: int
+    mtime_ns: int
+
+
+def stat_of(inode: Inode) -> Stat:
+    node = inode.node
+    stored = node.size if node.sparse is None else sum(length for _, length in node.sparse)
+    return Stat(
+        inode.ino, node.type, node.mode, inode.nlink, node.uid, node.gid, node.rdev,
+        node.size, stored, node.mtime_ns,
+    )  # fmt: skip
+
+
 class MergedTree:
     """Read-only view of a merged image tree, addressed by inode number."""
 
@@ -46,6 +71,11 @@ class MergedTree:
         if 0 < ino < len(self._inodes):
             return self._inodes[ino]
         return None
+
+    def stat(self, ino: int) -> Stat | None:
+        """Attributes only (readdir's hot path; subclasses answer it cheaper)."""
+        inode = self.get(ino)
+        return None if inode is None else stat_of(inode)
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
         directory = self.get(parent)

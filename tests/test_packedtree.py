@@ -141,3 +141,20 @@ def test_direct_write_from_merged_root_equals_frozen_tree(tmp_path: Path) -> Non
         assert hard is not None and hard.nlink == 2
     finally:
         direct.close()
+
+
+def test_stat_fast_path_matches_full_records(tmp_path: Path) -> None:
+    tree = sample_tree()
+    write_packed_tree(tree, tmp_path / "tree", SOURCES)
+    packed = open_packed_tree(tmp_path / "tree", SOURCES)
+    assert packed is not None
+    try:
+        for ino in range(1, tree.count + 1):
+            assert packed.stat(ino) == tree.stat(ino)
+        sparse = packed.resolve("sparse")
+        assert sparse is not None
+        stat = packed.stat(sparse.ino)
+        assert stat is not None and (stat.size, stat.stored) == (1 << 30, 30)
+        assert packed.stat(0) is None and packed.stat(tree.count + 1) is None
+    finally:
+        packed.close()
