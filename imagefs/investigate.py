@@ -25,7 +25,7 @@ from .inspect import inspect_image, report_json, report_text
 from .loader import LoadedImage, load_image, scan_layer
 from .progress import Progress
 from .provenance import trace_json, trace_path, trace_text
-from .registry import RegistryOptions, is_registry_source, pull
+from .registry import RegistryOptions, is_registry_source
 from .registry.cliargs import add_registry_arguments, registry_options
 from .sources import open_image, parse_platform
 from .views import build_layer_views, upto_image
@@ -49,6 +49,8 @@ def open_any_image(
     if is_registry_source(source):
         if image is not None:
             raise UsageError(f"{source}: --image selects within a tar, not a registry reference")
+        from .registry.pull import pull  # noqa: PLC0415 - requests only for registries
+
         # pull() returns once every blob is complete in the cache, as plain
         # cache-file ranges.
         return pull(

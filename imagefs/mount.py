@@ -47,7 +47,6 @@ from .mounttab import forget, mount_at, remove_record, write_record
 from .notify import Notifier, NotifyingProgress, StatusReporter, relay_status
 from .provenance import Provenance
 from .registry import RegistryOptions, is_registry_source
-from .registry.mounting import load_registry_image
 from .sources import open_image
 
 log = logging.getLogger("imagefs")
@@ -229,6 +228,8 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
             image = loaded.image
         elif is_registry_source(request.source):
             # Network work happens here, in the daemon child, after the fork.
+            from .registry.mounting import load_registry_image  # noqa: PLC0415 - requests
+
             image, loaded = load_registry_image(
                 request.source,
                 platform=request.platform,

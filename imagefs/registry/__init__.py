@@ -22,7 +22,6 @@ from ..sources import is_local_source
 from .auth import Credentials
 from .cache import list_cache, prune_cache
 from .config import RegistryOptions
-from .pull import DownloadProgress, open_registry_image, pull
 from .reference import PREFIX, Reference, parse_reference
 
 __all__ = [
@@ -43,6 +42,19 @@ __all__ = [
 # "no such file", not try Docker Hub).
 _PATH_STARTS = ("/", "./", "../", "~")
 _PATH_ENDS = (".tar", ".tar.gz", ".tgz", ".oci")
+
+
+# The pulling side imports requests and urllib3 (about 0.1 s): load it on first
+# use, so that mounting a local image or a cached one never pays for it.
+_LAZY = {"DownloadProgress", "open_registry_image", "pull"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from . import pull as pull_module  # noqa: PLC0415 - deliberately lazy
+
+        return getattr(pull_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_registry_source(source: str) -> bool:

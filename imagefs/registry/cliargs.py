@@ -20,7 +20,6 @@ from . import is_registry_source
 from .auth import Credentials
 from .cache import list_cache, prune_cache
 from .config import RegistryOptions
-from .pull import DownloadProgress, pull
 from .reference import parse_reference
 
 
@@ -116,6 +115,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run_pull(args: argparse.Namespace) -> None:
+    from .pull import DownloadProgress, pull  # noqa: PLC0415 - requests only when pulling
+
     options = registry_options(args, args.reference)
     cache_dir = ensure_cache_dir(args.cache_dir or default_cache_dir())
     image = pull(

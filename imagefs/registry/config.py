@@ -25,12 +25,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from .auth import Credentials
-from .client import Endpoint
 from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference
+
+if TYPE_CHECKING:  # the client pulls in requests: only load it to talk to a registry
+    from .client import Endpoint
 
 CONFIG_ENV = "IMAGEFS_REGISTRIES_CONFIG"
 SYSTEM_CONFIG = Path("/etc/imagefs/registries.json")
@@ -127,6 +130,8 @@ def with_config_file(options: RegistryOptions) -> RegistryOptions:
 
 def endpoints(ref: Reference, options: RegistryOptions) -> list[Endpoint]:
     """Mirrors first (in order), the upstream registry last."""
+    from .client import Endpoint  # noqa: PLC0415 - see the TYPE_CHECKING import
+
     found = []
     for url in options.mirrors_for(ref.domain):
         parts = urlsplit(url)
