@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap test lint typecheck pytest demo bench format clean
+.PHONY: all bootstrap test lint typecheck pytest fuzz demo bench format clean
 
 all: test
 
@@ -21,6 +21,17 @@ pytest: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Long runs of what `make test` runs briefly: hypothesis targets with
+# FUZZ_EXAMPLES examples each (fresh ones every run), the hostile corpus at a
+# million entries, and STRESS_SECONDS of 16 parallel readers.
+FUZZ_EXAMPLES ?= 20000
+STRESS_SECONDS ?= 60
+fuzz: bootstrap
+	IMAGEFS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) IMAGEFS_HOSTILE_SCALE=full \
+	IMAGEFS_STRESS_SECONDS=$(STRESS_SECONDS) \
+	$(PY) -m pytest -s --hypothesis-show-statistics tests/test_fuzz.py tests/test_hostile.py \
+	tests/test_stress.py $(PYTEST_ARGS)
 
 format: bootstrap
 	$(VENV)/bin/ruff format imagefs tests scripts

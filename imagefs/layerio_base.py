@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-from .errors import BlobError, DigestMismatchError, ImageFSError
+from .errors import BlobError, CompressionError, DigestMismatchError, ImageFSError
 from .image import Layer
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "cache_path",
     "check_blob",
     "digest_algorithm",
+    "expansion_limit",
     "pread_exact",
 ]
 
@@ -41,6 +42,17 @@ _STALE_TMP_SECONDS = 3600
 # Bumped whenever a cache file format written by layerio changes; it is part
 # of every cache file name, so old files are simply never looked at again.
 CACHE_SCHEMA = 1
+
+# Decompression bombs: a compressed layer may decode to at most
+# max(EXPANSION_FLOOR, MAX_EXPANSION x its compressed size) bytes, else the
+# pass stops with a CompressionError. 1100 is above deflate's own ceiling
+# (about 1032:1), so no gzip layer is ever refused by the ratio: a gzip bomb
+# costs the sender 1 byte per KB it makes us decode. zstd has no such
+# ceiling (a 4-byte RLE block makes 128 KiB), and that is what this stops: a
+# tiny blob that would decode for hours. Environment overrides (bytes and a
+# ratio): IMAGEFS_EXPANSION_FLOOR, IMAGEFS_MAX_EXPANSION.
+EXPANSION_FLOOR = 1 << 30
+MAX_EXPANSION = 1100
 
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _HASH_CHUNK = 1 << 20  # large enough that hashlib and pread release the GIL
@@ -276,7 +288,7 @@ class AtomicFile:
     def __init__(self, path: str) -> None:
         self.path = path
         directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         _sweep_stale(directory)
         fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".part")
         self.file: BinaryIO = os.fdopen(fd, "wb")
@@ -342,6 +354,22 @@ class InUse:
             return True
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return max(int(value), 0)
+    except ValueError:
+        raise ImageFSError(f"{name}={value!r} is not a whole number") from None
+
+
+def expansion_limit(compressed: int) -> int:
+    """How many bytes a layer of ``compressed`` bytes may decode to (see MAX_EXPANSION)."""
+    floor = _env_int("IMAGEFS_EXPANSION_FLOOR", EXPANSION_FLOOR)
+    return max(floor, _env_int("IMAGEFS_MAX_EXPANSION", MAX_EXPANSION) * compressed)
+
+
 class BufferedStream:
     """``read``/``skip``/``tell`` over a decoder that fills a reused buffer.
 
@@ -352,12 +380,15 @@ class BufferedStream:
     forward seek does not check the CRC of what it passes over.
     """
 
-    def __init__(self, buffer_size: int) -> None:
+    def __init__(self, buffer_size: int, layer: Layer | None = None) -> None:
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
         self._pos = 0
+        self._produced = 0
+        self._bomb_layer = layer
+        self._limit = None if layer is None else expansion_limit(layer.blob.length)
 
     def _fill(self, view: memoryview) -> int:
         """Decode into ``view``; the byte count, 0 only at the end of the stream."""
@@ -366,6 +397,15 @@ class BufferedStream:
     def _refill(self) -> bool:
         self._start = 0
         self._end = self._fill(self._view)
+        self._produced += self._end
+        if self._limit is not None and self._produced > self._limit:
+            assert self._bomb_layer is not None
+            blob = self._bomb_layer.blob
+            raise CompressionError(
+                f"layer {self._bomb_layer.descriptor.digest}: decompresses to more than "
+                f"{self._limit} bytes from {blob.length} (a decompression bomb?); the limit "
+                f"is max(IMAGEFS_EXPANSION_FLOOR, IMAGEFS_MAX_EXPANSION x compressed size)"
+            )
         return self._end > 0
 
     def read(self, n: int) -> bytes:

@@ -101,7 +101,7 @@ class GzipStream(BufferedStream):
     """The uncompressed bytes of a gzip layer, for one sequential pass."""
 
     def __init__(self, layer: Layer, fd: int) -> None:
-        super().__init__(_BUFFER)
+        super().__init__(_BUFFER, layer)
         self._layer = layer
         self._source = RangeFile(fd, layer.blob.offset, layer.blob.length, layer.blob.wait_for)
         self._reader: Any = None

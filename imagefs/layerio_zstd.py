@@ -185,7 +185,7 @@ class ZstdStream(BufferedStream):
     """
 
     def __init__(self, layer: Layer, fd: int, builder: SeekableBuilder | None = None) -> None:
-        super().__init__(_READ_SIZE)
+        super().__init__(_READ_SIZE, layer)
         self._layer = layer
         self._fd = fd
         self._builder = builder

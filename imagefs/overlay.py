@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -123,6 +124,11 @@ class Change:
 OnChange = Callable[[Change], None]
 
 
+# A component of 64 characters or more (UTF-8 takes at most 4 bytes per
+# character: shorter ones always fit NAME_MAX).
+_LONG_COMPONENT = re.compile(f"[^/]{{{NAME_MAX // 4 + 1}}}")
+
+
 def clean_path(name: str) -> str | None:
     """Normalise a member name to a root-relative path ("" is the root).
 
@@ -133,8 +139,26 @@ def clean_path(name: str) -> str | None:
     """
     if "\x00" in name:
         return None
+    # Fast path, a few substring scans: after the usual "./" prefix and "/"
+    # suffix, nothing to drop or climb, and no component can reach NAME_MAX
+    # bytes. Per-component Python would make a 10,000-level deep tree
+    # (paths of 20 KB) cost seconds.
+    body = name[2:] if name.startswith("./") else name
+    body = body[:-1] if body.endswith("/") else body
+    padded = f"/{body}/"
+    if (
+        "//" not in padded
+        and "/./" not in padded
+        and "/../" not in padded
+        and (len(body) <= NAME_MAX // 4 or _LONG_COMPONENT.search(body) is None)
+    ):
+        return body
+    return _clean_slow(name.split("/"))
+
+
+def _clean_slow(components: list[str]) -> str | None:
     parts: list[str] = []
-    for component in name.split("/"):
+    for component in components:
         if component in ("", "."):
             continue
         if component == "..":
@@ -187,6 +211,15 @@ class _Merger:
         self.root = implied_directory(ROOT_LAYER)
         self.warn = warn
         self.on_change = on_change
+        # Parent directories resolved during one layer's additions, keyed by
+        # the entry's parent path: the last parent looked up, and the last
+        # directory added. Tars list a directory before its children, so
+        # most entries hit one of them; without them each entry walks from
+        # the root, and a 10,000-level deep tree costs 50 million steps.
+        # Both are dropped whenever a node is replaced (that can change what
+        # a path resolves to); adding where nothing was cannot.
+        self._last_parent: tuple[str, tuple[Node, list[str]]] | None = None
+        self._last_dir: tuple[str, tuple[Node, list[str]]] | None = None
 
     def _report(self, layer: int, names: Sequence[str], kind: ChangeKind, node: Node) -> None:
         # Callers test self.on_change first, so a merge nobody observes
@@ -241,6 +274,9 @@ class _Merger:
             if child is None or not child.is_dir:
                 if create_layer is None:
                     return None
+                if child is not None:
+                    # A cached path may run through this (followed) symlink.
+                    self._forget_parents()
                 if self.on_change is not None and child is not None:
                     self._report(create_layer, [*names, name], ChangeKind.REPLACE, child)
                 child = implied_directory(create_layer)
@@ -306,7 +342,7 @@ class _Merger:
             if entry.path.startswith("/") and path:
                 self.warn(f"layer {layer}: removing leading '/' from {entry.path!r}")
             parent, _, name = path.rpartition("/")
-            if any(part.startswith(WHITEOUT_PREFIX) for part in parent.split("/")):
+            if "/" + WHITEOUT_PREFIX in "/" + parent:
                 # Nothing can live below a whiteout name; aufs kept its own
                 # bookkeeping there (".wh..wh.plnk/..."), which is not content.
                 if not parent.startswith(AUFS_META_PREFIX):
@@ -345,8 +381,23 @@ class _Merger:
         for parent in opaque_dirs:
             self._resolve_dir(parent.split("/") if parent else [], layer)
 
+        self._forget_parents()
         for path, entry in additions:
             self._add(layer, path, entry)
+        self._forget_parents()
+
+    def _forget_parents(self) -> None:
+        self._last_parent = self._last_dir = None
+
+    def _parent_for_add(self, parent_path: str, layer: int) -> tuple[Node, list[str]]:
+        """``_resolve(parent_path, layer)``, from the caches when they hold it."""
+        for cached in (self._last_dir, self._last_parent):
+            if cached is not None and cached[0] == parent_path:
+                return cached[1]
+        found = self._resolve(parent_path.split("/") if parent_path else [], layer)
+        assert found is not None
+        self._last_parent = (parent_path, found)
+        return found
 
     def _add(self, layer: int, path: str, entry: TarEntry) -> None:
         if path == "":
@@ -359,13 +410,12 @@ class _Merger:
                 self._report(layer, [], ChangeKind.UPDATE, self.root)
             return
         parent_path, _, name = path.rpartition("/")
-        found = self._resolve(parent_path.split("/") if parent_path else [], layer)
-        assert found is not None
-        parent, names = found
+        parent, names = self._parent_for_add(parent_path, layer)
         assert parent.children is not None
         existing = parent.children.get(name)
         if entry.type is EntryType.DIRECTORY and existing is not None and existing.is_dir:
             self._set_dir_attrs(existing, entry, layer)
+            self._last_dir = (path, (existing, [*names, name]))
             if self.on_change is not None:
                 self._report(layer, [*names, name], ChangeKind.UPDATE, existing)
             return
@@ -386,7 +436,11 @@ class _Merger:
             if existing is not None and existing is not new:
                 self._report(layer, [*names, name], ChangeKind.REPLACE, existing)
             self._report(layer, [*names, name], ChangeKind.ADD, new)
+        if existing is not None and existing is not new:
+            self._forget_parents()
         parent.children[name] = new
+        if new.is_dir:
+            self._last_dir = (path, (new, [*names, name]))
 
     @staticmethod
     def _set_dir_attrs(directory: Node, entry: TarEntry, layer: int) -> None:

@@ -1,0 +1,1 @@
+"""The hostile-image corpus (see :mod:`tests.hostile.corpus` and SECURITY.md)."""
