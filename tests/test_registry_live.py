@@ -119,6 +119,22 @@ def test_mount_from_registry_matches_umoci_and_second_mount_uses_cache(
     mount_compare(by_digest, basic_oracle, tmp_path / "third", f"--cache-dir={cache}")
 
 
+def test_corrupt_cached_blob_is_detected_and_refetched(
+    pushed_basic: str, basic_oracle: Oracle, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    mount_compare(pushed_basic, basic_oracle, tmp_path / "first", f"--cache-dir={cache}")
+    # Flip a byte in the largest cached blob (a layer), keeping its size.
+    victim = max((cache / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(data))
+    mount_compare(pushed_basic, basic_oracle, tmp_path / "second", f"--cache-dir={cache}")
+    refetched = hashlib.sha256(victim.read_bytes()).hexdigest()
+    assert refetched == victim.name
+
+
 def test_zstd_image_matches_umoci_of_its_gzip_copy(
     open_registry: Registry, registry_tools: None, tmp_path: Path
 ) -> None:

@@ -10,12 +10,13 @@ from the mapped file, like every later mount of the image.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..errors import ImageFSError
+from ..errors import DigestMismatchError, ImageFSError
 from ..image import Image, Platform
 from ..indexer import load_cached, tree_path, tree_sources
 from ..loader import LoadedImage, load_image
@@ -44,7 +45,20 @@ def load_registry_image(
     stack.callback(registry.close)
     stack.callback(downloads.close)
     if downloads.count == 0:
-        return image, load_cached(image, cache_dir=cache_dir, warn=warn, progress=progress)
+        try:
+            return image, load_cached(image, cache_dir=cache_dir, warn=warn, progress=progress)
+        except DigestMismatchError:
+            # A cached blob went bad on disk; the registry still has the real
+            # one. Drop what no longer matches its digest and fetch it again.
+            evicted = evict_corrupt_layers(image)
+            if not evicted:
+                raise
+            warn(f"{source}: cached {', '.join(evicted)} did not match its digest; refetching")
+            image, downloads, registry = open_registry_image(
+                source, platform=platform, options=options, cache_dir=cache_dir
+            )
+            stack.callback(registry.close)
+            stack.callback(downloads.close)
     loaded = load_image(image, cache_dir=cache_dir, warn=warn, progress=progress)
     try:
         downloads.wait()  # the pass read every byte; this only waits for the renames
@@ -59,3 +73,22 @@ def load_registry_image(
     loaded.close()
     image = without_feeds(image)
     return image, load_cached(image, cache_dir=cache_dir, warn=warn, progress=progress)
+
+
+def evict_corrupt_layers(image: Image) -> list[str]:
+    """Delete cached layer blobs whose content no longer hashes to their digest."""
+    evicted = []
+    for layer in image.layers:
+        digest = layer.descriptor.digest
+        algorithm, _, expected = digest.partition(":")
+        hasher = hashlib.new(algorithm)
+        try:
+            with open(layer.blob.path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            continue
+        if hasher.hexdigest() != expected:
+            Path(layer.blob.path).unlink(missing_ok=True)
+            evicted.append(digest)
+    return evicted
