@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 # (umoci, skopeo, the CNCF distribution registry) and the small tools tests use.
 # The Linux-integration tests also need mount(8) (mount), systemd-analyze and
 # systemd-escape (systemd; it need not run as PID 1), unshare/nsenter/setpriv
-# (util-linux) and useradd (passwd).
+# (util-linux), useradd (passwd) and strace (the daemon-never-follows-symlinks test).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc umoci skopeo docker-registry zstd attr file tar gzip
-    mount util-linux systemd passwd coreutils)
+    mount util-linux systemd passwd coreutils strace)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
