@@ -374,7 +374,7 @@ class SeekableBuilder:
         self._pending_start += len(piece)
         self._entries.append(entry)
         self._inflight.append((self._pool.submit(self._compress, piece), entry))
-        while len(self._inflight) > self._max_inflight:
+        while len(self._inflight) > self._max_inflight and not self._failed:
             self._write_oldest()
 
     def _write_oldest(self) -> None:
@@ -389,6 +389,8 @@ class SeekableBuilder:
         self._written += len(data)
 
     def _give_up(self, exc: OSError) -> None:
+        if self._failed:
+            return  # said once per layer; later writes fail for the same reason
         log.warning("cannot write %s, continuing without it: %s", self._out.path, exc)
         self._failed = True
         self.abort()
