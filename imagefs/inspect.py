@@ -21,7 +21,6 @@ from .layerio import Compression, detect_compression, open_layer_stream
 from .loader import short_digest
 from .overlay import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
 from .progress import Progress
-from .tarscan import scan_tar
 
 _PROGRESS_EVERY = 512
 
@@ -44,6 +43,10 @@ def scan_layer_stats(
     layer: Layer, index: int, count: int, warn: Callable[[str], None], progress: Progress
 ) -> LayerStats:
     """Count one layer's entries in one verified pass (blocking)."""
+    # The scanner compiles its header patterns at import (~30 ms); a mount
+    # served from the persisted tree never scans, so load it on first use.
+    from .tarscan import scan_tar  # noqa: PLC0415
+
     name = short_digest(layer.descriptor.digest)
     compression = detect_compression(layer)
     progress.start(f"layer {index + 1}/{count} {name}")

@@ -20,7 +20,6 @@ from .image import Image, Layer
 from .layerio import LayerData, open_layer_data, open_layer_stream
 from .overlay import Node, merge_layers
 from .progress import Progress
-from .tarscan import scan_tar
 from .tree import MergedTree, freeze
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,10 @@ def scan_layer(
     cache_dir: Path | None = None,
 ) -> list[TarEntry]:
     """Index one layer's tar headers, verifying its digest (blocking)."""
+    # The scanner compiles its header patterns at import (~30 ms); a mount
+    # served from the persisted tree never scans, so load it on first use.
+    from .tarscan import scan_tar  # noqa: PLC0415
+
     name = short_digest(layer.descriptor.digest)
     progress.start(f"layer {index + 1}/{count} {name}")
     entries: list[TarEntry] = []
