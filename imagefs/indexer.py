@@ -15,12 +15,13 @@ and they start in the child. The child reports failure by pickling the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .errors import ImageFSError
 from .image import Image
 from .loader import LoadedImage, scan_layer, with_readers
 from .overlay import merge_layers
-from .packedtree import open_packed_tree, write_packed_root
+from .packedtree import PackedTree, open_packed_tree, write_packed_root
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -106,24 +107,56 @@ def load_cached(
     path = tree_path(cache_dir, image)
     tree = open_packed_tree(path, sources)
     if tree is None:
-
-        def build() -> None:
-            report = warn or log.warning
-            shown = progress or Progress(False)
-            layer_entries = [
-                scan_layer(layer, index, len(image.layers), warn=report, progress=shown,
-                           cache_dir=cache_dir)
-                for index, layer in enumerate(image.layers)
-            ]  # fmt: skip
-            root = merge_layers(layer_entries, report)
-            del layer_entries
-            write_packed_root(root, path, sources)
-
-        log.debug("building the index of %s into %s", image.source, path)
-        _build_in_child(build)
-        tree = open_packed_tree(path, sources)
-        if tree is None:
-            raise ImageFSError(f"the index written to {path} cannot be read back")
+        with _build_lock(path):
+            # Another mount of the same image may have built it while we waited.
+            tree = open_packed_tree(path, sources) or _build(
+                image, path, sources, cache_dir=cache_dir, warn=warn, progress=progress
+            )
     resources = ExitStack()
     resources.callback(tree.close)
     return with_readers(image, tree, cache_dir, resources)
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Serialise builds of one tree: concurrent first mounts of an image
+    (a fleet starting at once) build it once; the others wait and map it."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, even on a crash
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(
+    image: Image,
+    path: Path,
+    sources: dict[str, Any],
+    *,
+    cache_dir: Path,
+    warn: Callable[[str], None] | None,
+    progress: Progress | None,
+) -> PackedTree:
+    """Scan, merge and persist the tree in a child process; then map it."""
+
+    def build() -> None:
+        report = warn or log.warning
+        shown = progress or Progress(False)
+        layer_entries = [
+            scan_layer(layer, index, len(image.layers), warn=report, progress=shown,
+                       cache_dir=cache_dir)
+            for index, layer in enumerate(image.layers)
+        ]  # fmt: skip
+        root = merge_layers(layer_entries, report)
+        del layer_entries
+        write_packed_root(root, path, sources)
+
+    log.debug("building the index of %s into %s", image.source, path)
+    _build_in_child(build)
+    tree = open_packed_tree(path, sources)
+    if tree is None:
+        raise ImageFSError(f"the index written to {path} cannot be read back")
+    return tree
