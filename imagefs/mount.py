@@ -22,7 +22,6 @@ import errno
 import logging
 import logging.handlers
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -372,32 +371,13 @@ def _is_stale(path: Path) -> bool:
     return False
 
 
-# mountinfo writes space, tab, newline and backslash as octal escapes (\040).
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _mount_fstype(path: Path) -> str | None:
-    """The file-system type mounted exactly at ``path``, from mountinfo."""
-    target = os.path.realpath(path)
-    fstype = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            separator = fields.index("-")
-            mount_point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), fields[4])
-            if mount_point == target:
-                fstype = fields[separator + 1]  # the last one mounted here wins
-    return fstype
-
-
 def umount(mountpoint: Path, lazy: bool = False) -> None:
     """Unmount an imagefs mount, including a stale one whose daemon died."""
-    fstype = _mount_fstype(mountpoint)
-    if fstype is None:
-        raise MountError(f"{mountpoint} is not mounted")
-    if not fstype.startswith("fuse"):
-        raise MountError(f"{mountpoint} is not a FUSE mount ({fstype})")
     entry = mount_at(os.path.realpath(mountpoint))
+    if entry is None:
+        raise MountError(f"{mountpoint} is not mounted")
+    if not entry.fstype.startswith("fuse"):
+        raise MountError(f"{mountpoint} is not a FUSE mount ({entry.fstype})")
     result = _fusermount(mountpoint, lazy)
     if result.returncode != 0 and not lazy and _is_stale(mountpoint):
         # A dead daemon leaves "Transport endpoint is not connected"; if the
@@ -409,8 +389,7 @@ def umount(mountpoint: Path, lazy: bool = False) -> None:
         if "busy" in reason:
             reason += " (a process uses it: close it, or detach with 'imagefs umount -z')"
         raise MountError(f"cannot unmount {mountpoint}: {reason}")
-    if entry is not None:
-        forget(entry)  # the daemon removes its record itself, unless it was killed
+    forget(entry)  # the daemon removes its record itself, unless it was killed
 
 
 def umount_if_stale(mountpoint: Path) -> bool:
@@ -420,7 +399,8 @@ def umount_if_stale(mountpoint: Path) -> bool:
     not stay behind, but a live mount (ours or another unit's) is left alone.
     Returns True if it unmounted something.
     """
-    if _mount_fstype(mountpoint) != "fuse.imagefs" or not _is_stale(mountpoint):
+    entry = mount_at(os.path.realpath(mountpoint))
+    if entry is None or entry.fstype != "fuse.imagefs" or not _is_stale(mountpoint):
         return False
     umount(mountpoint, lazy=True)
     return True
