@@ -204,6 +204,17 @@ def node_from_entry(entry: TarEntry, layer: int) -> Node:
     return node
 
 
+def set_dir_attrs(directory: Node, entry: TarEntry, layer: int) -> None:
+    """A directory entry over an existing directory: its attributes replace the
+    old ones, the children stay (image-spec, "Changeset over existing files")."""
+    directory.mode = entry.mode & 0o7777
+    directory.uid = entry.uid
+    directory.gid = entry.gid
+    directory.mtime_ns = entry.mtime_ns
+    directory.xattrs = dict(entry.xattrs)
+    directory.layer = layer
+
+
 class _Merger:
     """Applies layers, base first, onto one tree of :class:`Node`."""
 
@@ -405,7 +416,7 @@ class _Merger:
             if entry.type is not EntryType.DIRECTORY:
                 self.warn(f"layer {layer}: ignoring non-directory entry for the root")
                 return
-            self._set_dir_attrs(self.root, entry, layer)
+            set_dir_attrs(self.root, entry, layer)
             if self.on_change is not None:
                 self._report(layer, [], ChangeKind.UPDATE, self.root)
             return
@@ -414,7 +425,7 @@ class _Merger:
         assert parent.children is not None
         existing = parent.children.get(name)
         if entry.type is EntryType.DIRECTORY and existing is not None and existing.is_dir:
-            self._set_dir_attrs(existing, entry, layer)
+            set_dir_attrs(existing, entry, layer)
             self._last_dir = (path, (existing, [*names, name]))
             if self.on_change is not None:
                 self._report(layer, [*names, name], ChangeKind.UPDATE, existing)
@@ -441,15 +452,6 @@ class _Merger:
         parent.children[name] = new
         if new.is_dir:
             self._last_dir = (path, (new, [*names, name]))
-
-    @staticmethod
-    def _set_dir_attrs(directory: Node, entry: TarEntry, layer: int) -> None:
-        directory.mode = entry.mode & 0o7777
-        directory.uid = entry.uid
-        directory.gid = entry.gid
-        directory.mtime_ns = entry.mtime_ns
-        directory.xattrs = dict(entry.xattrs)
-        directory.layer = layer
 
 
 def merge_layers(

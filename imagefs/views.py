@@ -57,6 +57,7 @@ from .overlay import (
     merge_steps,
     new_directory,
     node_from_entry,
+    set_dir_attrs,
 )
 
 ROOTFS = "rootfs"
@@ -166,15 +167,6 @@ def _make_dirs(root: Node, path: str, entries: dict[int, Node]) -> Node | None:
     return directory
 
 
-def _set_attrs(directory: Node, entry: TarEntry, layer: int) -> None:
-    directory.mode = entry.mode & 0o7777
-    directory.uid = entry.uid
-    directory.gid = entry.gid
-    directory.mtime_ns = entry.mtime_ns
-    directory.xattrs = dict(entry.xattrs)
-    directory.layer = layer
-
-
 def layer_tree(layer: int, entries: Iterable[TarEntry], lower: Node | None) -> Node:
     """Exactly layer ``layer``'s entries, at their literal (cleaned) paths.
 
@@ -196,7 +188,7 @@ def layer_tree(layer: int, entries: Iterable[TarEntry], lower: Node | None) -> N
             continue
         if path == "":
             if entry.type is EntryType.DIRECTORY:
-                _set_attrs(root, entry, layer)
+                set_dir_attrs(root, entry, layer)
             continue
         parent_path, _, name = path.rpartition("/")
         parent = _make_dirs(root, parent_path, made)
@@ -205,7 +197,7 @@ def layer_tree(layer: int, entries: Iterable[TarEntry], lower: Node | None) -> N
         assert parent.children is not None
         existing = parent.children.get(name)
         if entry.type is EntryType.DIRECTORY and existing is not None and existing.is_dir:
-            _set_attrs(existing, entry, layer)
+            set_dir_attrs(existing, entry, layer)
             made[id(existing)] = existing
             continue
         if entry.type is EntryType.HARDLINK:
