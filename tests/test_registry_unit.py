@@ -28,11 +28,11 @@ from imagefs.errors import (
     RegistryUnavailableError,
     UsageError,
 )
+from imagefs.reference import Reference
 from imagefs.registry import is_registry_source, parse_reference
 from imagefs.registry.auth import Credentials, CredentialStore, parse_challenges
 from imagefs.registry.client import Endpoint, RegistryClient, TransportOptions
 from imagefs.registry.config import RegistryOptions, endpoints, with_config_file
-from imagefs.registry.reference import Reference
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -9,20 +9,21 @@ Public surface::
     list_cache(store), prune_cache(store)             (cache)
     is_registry_source(source) -> bool
 
-Modules: ``reference`` (Docker's reference grammar), ``auth`` (credentials,
+Modules: ``auth`` (credentials,
 challenges), ``client`` (distribution API v2 on requests), ``config``
 (options, mirrors, the registries config file), ``pull`` (resolution and
 streaming layer downloads), ``cache`` (``imagefs cache``). Blobs land in
-:mod:`imagefs.blobstore`.
+:mod:`imagefs.blobstore`; references are parsed by :mod:`imagefs.reference`,
+which the local sources share for matching names inside archives.
 """
 
 from __future__ import annotations
 
+from ..reference import PREFIX, Reference, parse_reference
 from ..sources import is_local_source
 from .auth import Credentials
 from .cache import list_cache, prune_cache
 from .config import RegistryOptions
-from .reference import PREFIX, Reference, parse_reference
 
 __all__ = [
     "Credentials",

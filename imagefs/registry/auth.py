@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RegistryAuthError, UsageError
-from .reference import DOCKER_HUB
+from ..reference import DOCKER_HUB
 
 log = logging.getLogger(__name__)
 

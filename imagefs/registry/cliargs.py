@@ -15,12 +15,12 @@ from ..blobstore import BlobStore
 from ..cachedir import default_cache_dir, ensure_cache_dir
 from ..errors import UsageError
 from ..progress import human_bytes
+from ..reference import parse_reference
 from ..sources import parse_platform
 from . import is_registry_source
 from .auth import Credentials
 from .cache import list_cache, prune_cache
 from .config import RegistryOptions
-from .reference import parse_reference
 
 
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:

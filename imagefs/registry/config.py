@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from ..reference import DOCKER_HUB, DOCKER_HUB_API, Reference
 from .auth import Credentials
-from .reference import DOCKER_HUB, DOCKER_HUB_API, Reference
 
 if TYPE_CHECKING:  # the client pulls in requests: only load it to talk to a registry
     from .client import Endpoint

@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..image import BlobRange, Descriptor, Image, Layer, Platform
 from ..progress import human_bytes
+from ..reference import Reference, parse_reference
 from ..sources.manifest import (
     MAX_INDEX_DEPTH,
     ImageIndex,
@@ -46,7 +47,6 @@ from ..sources.platform import host_platform
 from .auth import CredentialStore
 from .client import Endpoint, RegistryClient, TransportOptions
 from .config import RegistryOptions, endpoints, http_mirror_hosts, with_config_file
-from .reference import Reference, parse_reference
 
 log = logging.getLogger(__name__)
 
