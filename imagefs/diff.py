@@ -27,7 +27,7 @@ from .content import ContentReader
 from .entry import EntryType, TarEntry
 from .image import Image
 from .overlay import ROOT_LAYER, Node, Warn, implied_directory, merge_steps, new_directory
-from .provenance import kind_name
+from .provenance import node_json
 from .tree import ROOT_INO, Inode, MergedTree
 from .views import SYNTHETIC_DIR_MODE, clone_tree
 
@@ -105,19 +105,10 @@ def _xattrs(node: Node) -> dict[str, str]:
 
 
 def _info(side: Side, node: Node, hasher: _Hasher) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "type": kind_name(node),
-        "mode": f"{node.mode:04o}",
-        "uid": node.uid,
-        "gid": node.gid,
-    }
+    # What `imagefs which --json` says of a node, plus what a diff compares.
+    info = node_json(node)
     if node.type is EntryType.FILE:
-        info["size"] = node.size
         info["sha256"] = hasher.sha256(side, node)
-    elif node.type is EntryType.SYMLINK:
-        info["target"] = node.target
-    elif node.type in (EntryType.CHAR_DEVICE, EntryType.BLOCK_DEVICE):
-        info["rdev"] = [os.major(node.rdev), os.minor(node.rdev)]
     if node.xattrs:
         info["xattrs"] = _xattrs(node)
     if node.layer != ROOT_LAYER:
