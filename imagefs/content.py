@@ -8,7 +8,7 @@ callers on an event loop run it in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import LayerError
 from .layerio import LayerData
@@ -21,6 +21,11 @@ class ContentReader:
     def __init__(self, layers: Sequence[LayerData], layer_names: Sequence[str]) -> None:
         self._layers = layers
         self._names = layer_names
+        # Only plain layers can answer from the page cache without blocking;
+        # resolved once here rather than on every read.
+        self._cached_readers: list[Callable[[int, int], bytes | None] | None] = [
+            getattr(layer, "pread_cached", None) for layer in layers
+        ]
 
     def read(self, node: Node, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` of a regular file (blocking)."""
@@ -39,12 +44,10 @@ class ContentReader:
         """
         if node.sparse is not None or offset >= node.size or size <= 0:
             return None
-        reader = self._layers[node.layer]
-        pread_cached = getattr(reader, "pread_cached", None)
+        pread_cached = self._cached_readers[node.layer]
         if pread_cached is None:
             return None
-        data: bytes | None = pread_cached(node.data_offset + offset, min(size, node.size - offset))
-        return data
+        return pread_cached(node.data_offset + offset, min(size, node.size - offset))
 
     def _pread(self, node: Node, layer_offset: int, size: int) -> bytes:
         data = self._layers[node.layer].pread(layer_offset, size)
