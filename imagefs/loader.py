@@ -13,11 +13,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import layerindex
 from .content import ContentReader
 from .entry import TarEntry
 from .errors import ImageFSError
 from .image import Image, Layer
-from .layerio import LayerData, open_layer_data, open_layer_stream
+from .layerio import LayerData, open_layer_data, open_layer_stream, random_access_cached
+from .layerio_base import BlobHasher
 from .overlay import Node, merge_layers
 from .progress import Progress
 from .tree import MergedTree, freeze
@@ -57,20 +59,42 @@ def scan_layer(
     warn: Callable[[str], None],
     progress: Progress,
     cache_dir: Path | None = None,
+    hasher: BlobHasher | None = None,
 ) -> list[TarEntry]:
-    """Index one layer's tar headers, verifying its digest (blocking)."""
+    """Index one layer's tar headers, verifying its digest (blocking).
+
+    With ``cache_dir``, a layer indexed before (by any image) is loaded from
+    its cached index instead (see :mod:`imagefs.layerindex`), and a layer
+    scanned now is cached for the next image that shares it. ``hasher``:
+    the layer's digest check, if started ahead (layerio.check_digests_ahead).
+    """
     # The scanner compiles its header patterns at import (~30 ms); a mount
     # served from the persisted tree never scans, so load it on first use.
     from .tarscan import scan_tar  # noqa: PLC0415
 
     name = short_digest(layer.descriptor.digest)
     progress.start(f"layer {index + 1}/{count} {name}")
+    cache = str(cache_dir) if cache_dir else None
     entries: list[TarEntry] = []
+    warnings: list[str] = []
+
+    def warn_layer(message: str) -> None:
+        warnings.append(message)
+        warn(f"layer {name}: {message}")
+
     try:
+        if cache is not None and random_access_cached(layer, cache):
+            cached = layerindex.load(cache, layer, hasher)
+            if cached is not None:
+                entries, warnings = cached
+                for message in warnings:
+                    warn(f"layer {name}: {message}")
+                progress.finish(len(entries), layer.blob.length)
+                return entries
         # With a cache dir the same pass also leaves the gzip checkpoints or
         # the zstd seekable re-encoding there, so open_layer_data decodes nothing.
-        with open_layer_stream(layer, str(cache_dir) if cache_dir else None) as stream:
-            for entry in scan_tar(stream, lambda msg: warn(f"layer {name}: {msg}")):
+        with open_layer_stream(layer, cache, hasher) as stream:
+            for entry in scan_tar(stream, warn_layer):
                 entries.append(entry)
                 if len(entries) % _PROGRESS_EVERY == 0:
                     progress.update(len(entries), stream.tell())
@@ -78,6 +102,9 @@ def scan_layer(
     except ImageFSError as exc:
         progress.finish(len(entries), 0)
         raise type(exc)(f"layer {index + 1}/{count} ({layer.descriptor.digest}): {exc}") from exc
+    # Only now is the digest verified (the stream checks it on exit).
+    if cache is not None:
+        layerindex.save(cache, layer, entries, warnings)
     progress.finish(len(entries), position)
     return entries
 

@@ -1,0 +1,164 @@
+"""Per-layer tar indexes: a layer is scanned once, whichever image shares it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from imagefs import layerindex
+from imagefs.entry import EntryType, TarEntry
+from imagefs.errors import DigestMismatchError
+from imagefs.image import Image
+from imagefs.loader import scan_layer
+from imagefs.progress import Progress
+from imagefs.sources import open_image
+from tests import builder, images
+from tests.builder import directory, file
+from tests.mounting import mounted, run_imagefs
+from tests.oracle import compare, snapshot
+
+BASE = [directory("etc"), file("etc/os-release", "ID=test\n"), file("bin/sh", b"\x7fELF" * 500)]
+
+
+def two_images_sharing_a_base(tmp_path: Path, compression: builder.Compression) -> list[str]:
+    """Two layouts (so two blob files) whose first layer is the same blob."""
+    base = builder.make_layer_tar(BASE)
+    sources = []
+    for name in ("one", "two"):
+        top = builder.make_layer_tar([file(f"etc/{name}", name)])
+        layout = builder.write_oci_layout(
+            tmp_path / name, [base, top], compression=compression, tag="t"
+        )
+        sources.append(f"oci:{layout}:t")
+    return sources
+
+
+def scan(image: Image, index: int, cache: Path | None) -> list[TarEntry]:
+    layer = image.layers[index]
+    return scan_layer(layer, index, len(image.layers), warn=lambda _: None,
+                      progress=Progress(False), cache_dir=cache)  # fmt: skip
+
+
+def test_round_trip_keeps_every_field_of_real_scanner_output(tmp_path: Path) -> None:
+    # The edge image has xattrs, PAX sparse files, devices, hardlinks, long
+    # and non-UTF-8 names, sub-second mtimes: everything TarEntry can hold.
+    layout, tag = images.build_edge(tmp_path)
+    image = open_image(f"oci:{layout}:{tag}")
+    cache = tmp_path / "cache"
+    for index in range(len(image.layers)):
+        scanned = scan(image, index, cache)
+        assert os.path.exists(layerindex.index_path(str(cache), image.layers[index]))
+        loaded = layerindex.load(str(cache), image.layers[index])
+        assert loaded is not None
+        assert loaded[0] == scanned
+    kinds = {e.type for i in range(3) for e in scan(image, i, cache)}
+    assert {EntryType.CHAR_DEVICE, EntryType.HARDLINK, EntryType.SYMLINK} <= kinds
+
+
+def test_names_that_are_not_utf8_round_trip_separately(tmp_path: Path) -> None:
+    # A name ending in half a UTF-8 sequence next to a link target starting
+    # with its other half: decoded together they would merge into one char.
+    entry = TarEntry("a\udcc3", EntryType.SYMLINK, 0o777, 0, 0, 0, 0, "\udca9b")
+    layout = builder.write_oci_layout(
+        tmp_path / "l", [builder.make_layer_tar([file("x")])], compression="none", tag="t"
+    )
+    layer = open_image(f"oci:{layout}:t").layers[0]
+    layerindex.save(str(tmp_path), layer, [entry], [])
+    assert layerindex.load(str(tmp_path), layer) == ([entry], [])
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_second_image_serves_the_shared_layer_from_its_index(
+    tmp_path: Path, compression: builder.Compression
+) -> None:
+    one, two = two_images_sharing_a_base(tmp_path, compression)
+    cache = tmp_path / "cache"
+    with mounted(one, tmp_path / "m1", cache=cache):
+        pass
+    base = open_image(two).layers[0]
+    entries, warnings = layerindex.load(str(cache), base) or ([], [])
+    # Rewrite the cached index with one more entry: only a mount that reads
+    # the index, instead of scanning the tar again, can show it.
+    marker = TarEntry("etc/from-the-index", EntryType.FILE, 0o644, 0, 0, 0, 0)
+    layerindex.save(str(cache), base, [*entries, marker], warnings)
+    with mounted(two, tmp_path / "m2", cache=cache) as mnt:
+        assert (mnt / "etc" / "from-the-index").exists()
+        assert (mnt / "etc" / "two").read_text() == "two"
+        assert (mnt / "bin" / "sh").read_bytes() == b"\x7fELF" * 500
+    with mounted(two, tmp_path / "m3", cache=tmp_path / "fresh") as mnt:
+        assert not (mnt / "etc" / "from-the-index").exists()
+
+
+def test_reused_index_gives_the_tree_a_scan_gives(tmp_path: Path) -> None:
+    one, two = two_images_sharing_a_base(tmp_path, "gzip")
+    cache = tmp_path / "cache"
+    with mounted(one, tmp_path / "m1", cache=cache):
+        pass
+    with mounted(two, tmp_path / "m2", cache=cache) as mnt:
+        reused = snapshot(mnt)
+    with mounted(two, tmp_path / "m3", cache=tmp_path / "fresh") as mnt:
+        assert compare(snapshot(mnt), reused) == []
+
+
+def test_a_blob_that_does_not_match_its_digest_is_refused_despite_the_index(
+    tmp_path: Path,
+) -> None:
+    one, two = two_images_sharing_a_base(tmp_path, "none")
+    cache = tmp_path / "cache"
+    with mounted(one, tmp_path / "m1", cache=cache):
+        pass
+    blob = Path(open_image(two).layers[0].blob.path)
+    data = bytearray(blob.read_bytes())
+    data[data.index(b"ID=test")] = ord("X")  # same size, other content
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(DigestMismatchError):
+        layerindex.load(str(cache), open_image(two).layers[0])
+    (tmp_path / "m2").mkdir()
+    result = run_imagefs("mount", "--quiet", f"--cache-dir={cache}", two, tmp_path / "m2")
+    assert result.returncode == 1 and "digest" in result.stderr, result.stderr
+
+
+def test_corrupt_index_is_rescanned_and_rewritten(tmp_path: Path) -> None:
+    one, _ = two_images_sharing_a_base(tmp_path, "gzip")
+    image = open_image(one)
+    cache = tmp_path / "cache"
+    scanned = scan(image, 0, cache)
+    path = Path(layerindex.index_path(str(cache), image.layers[0]))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert layerindex.load(str(cache), image.layers[0]) is None
+    assert scan(image, 0, cache) == scanned
+    assert path.read_bytes() != bytes(data)
+    assert layerindex.load(str(cache), image.layers[0]) == (scanned, [])
+
+
+def test_index_of_another_schema_is_not_served(tmp_path: Path) -> None:
+    one, _ = two_images_sharing_a_base(tmp_path, "none")
+    image = open_image(one)
+    cache = tmp_path / "cache"
+    scan(image, 0, cache)
+    path = Path(layerindex.index_path(str(cache), image.layers[0]))
+    path.write_bytes(path.read_bytes().replace(b'"schema": 1', b'"schema": 9', 1))
+    assert layerindex.load(str(cache), image.layers[0]) is None
+
+
+def test_scan_warnings_are_repeated_when_the_index_is_reused(tmp_path: Path) -> None:
+    tar = builder.make_layer_tar([file("a", "a")])
+    body = tar.rstrip(b"\0")
+    body += b"\0" * (-len(body) % 512)
+    # One zero block, then junk: GNU tar stops there, and so does the scanner, with a warning.
+    odd = body + b"\0" * 512 + b"junk".ljust(512, b"\0") + b"\0" * 1024
+    layout = builder.write_oci_layout(tmp_path / "l", [odd], compression="gzip", tag="t")
+    image = open_image(f"oci:{layout}:t")
+    cache = tmp_path / "cache"
+    first: list[str] = []
+    second: list[str] = []
+    for seen in (first, second):
+        scan_layer(image.layers[0], 0, 1, warn=seen.append, progress=Progress(False),
+                   cache_dir=cache)  # fmt: skip
+    assert first and first == second
+    assert any("zero block" in message for message in first)
