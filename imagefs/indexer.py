@@ -25,11 +25,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import layerindex
 from .errors import ImageFSError
 from .image import Image
-from .layerio import check_digests_ahead
-from .loader import LoadedImage, scan_layer, with_readers
+from .loader import LoadedImage, scan_layers, with_readers
 from .overlay import merge_layers
 from .packedtree import PackedTree, open_packed_tree, write_packed_root
 from .progress import Progress
@@ -147,17 +145,7 @@ def _build(
     def build() -> None:
         report = warn or log.warning
         shown = progress or Progress(False)
-        # Layers another image already indexed are verified by layerindex.load.
-        unindexed = [
-            layer for layer in image.layers
-            if not os.path.exists(layerindex.index_path(str(cache_dir), layer))
-        ]  # fmt: skip
-        ahead = dict(zip(map(id, unindexed), check_digests_ahead(unindexed), strict=True))
-        layer_entries = [
-            scan_layer(layer, index, len(image.layers), warn=report, progress=shown,
-                       cache_dir=cache_dir, hasher=ahead.get(id(layer)))
-            for index, layer in enumerate(image.layers)
-        ]  # fmt: skip
+        layer_entries = scan_layers(image, warn=report, progress=shown, cache_dir=cache_dir)
         root = merge_layers(layer_entries, report)
         del layer_entries
         write_packed_root(root, path, sources)

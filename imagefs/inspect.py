@@ -49,7 +49,7 @@ def scan_layer_stats(
 
     name = short_digest(layer.descriptor.digest)
     compression = detect_compression(layer)
-    progress.start(f"layer {index + 1}/{count} {name}")
+    task = progress.start(f"layer {index + 1}/{count} {name}")
     entries = whiteouts = opaque = 0
     try:
         with open_layer_stream(layer) as stream:
@@ -61,14 +61,14 @@ def scan_layer_stats(
                 elif base.startswith(WHITEOUT_PREFIX) and not base.startswith(AUFS_META_PREFIX):
                     whiteouts += 1
                 if entries % _PROGRESS_EVERY == 0:
-                    progress.update(entries, stream.tell())
+                    task.update(entries, stream.tell())
         # Leaving the block decoded the rest of a compressed stream, so its
         # position is the whole tar's size; a plain tar is the blob itself.
         size = layer.blob.length if compression is Compression.NONE else stream.tell()
     except ImageFSError as exc:
-        progress.finish(entries, 0)
+        task.finish(entries, 0)
         raise type(exc)(f"layer {index + 1}/{count} ({layer.descriptor.digest}): {exc}") from exc
-    progress.finish(entries, size)
+    task.finish(entries, size)
     return LayerStats(
         index=index,
         digest=layer.descriptor.digest,

@@ -30,7 +30,7 @@ import os
 import socket
 from typing import BinaryIO
 
-from .progress import Progress
+from .progress import Progress, ProgressTask
 
 log = logging.getLogger("imagefs")
 
@@ -138,6 +138,6 @@ class NotifyingProgress(Progress):
         super().__init__(enabled)
         self._report = report
 
-    def start(self, label: str) -> None:
+    def start(self, label: str) -> ProgressTask:
         self._report(label)
-        super().start(label)
+        return super().start(label)
