@@ -43,15 +43,17 @@ def tree_sources(image: Image) -> dict[str, Any]:
     """What a persisted tree depends on; any change makes it stale.
 
     Layer digests name the content; the identity of each local blob file
-    (device, inode, size, mtime) catches a file replaced or rewritten in
-    place since the tree was built, whose digest was verified back then.
+    (device, inode, size, mtime, ctime) catches a file replaced or rewritten
+    in place since the tree was built, whose digest was verified back then.
+    The ctime cannot be set back the way an mtime can (see
+    layerindex.blob_identity).
     """
     blobs = []
     for layer in image.layers:
         st = os.stat(layer.blob.path)
         blobs.append(
             [layer.blob.path, layer.blob.offset, layer.blob.length,
-             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         )  # fmt: skip
     return {
         "schema": TREE_SCHEMA,

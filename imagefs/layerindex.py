@@ -10,8 +10,8 @@ digest and :data:`INDEX_SCHEMA`.
 The entries are correct for the content the digest names, so serving them
 for a blob is only right if that blob has that digest. A reuse therefore
 either finds the very blob file the index was built from (same device,
-inode, range, size and mtime, as ``indexer.tree_sources`` trusts for whole
-trees) or hashes the blob first: sha256 runs at ~1.7 GB/s, far faster than
+inode, range, size, mtime and ctime, as ``indexer.tree_sources`` trusts for
+whole trees) or hashes the blob first: sha256 runs at ~1.7 GB/s, far faster than
 decompressing and parsing the tar.
 
 File layout (little-endian)::
@@ -65,11 +65,18 @@ def index_path(cache_dir: str, layer: Layer) -> str:
     return cache_path(cache_dir, layer, f"tarindex-v{INDEX_SCHEMA}")
 
 
-def blob_identity(layer: Layer) -> list[int | str]:
-    """What makes a blob file "the same one we verified": range, inode, size, mtime."""
+def blob_identity(layer: Layer) -> list[int]:
+    """What makes a blob file "the same one we verified": range, inode, size, times.
+
+    Not the path: layouts that hardlink their blobs (as skopeo and our bench
+    do), or one blob store seen through two paths, name the same verified
+    file. The ctime is there because anyone who can write a file can set its
+    mtime back (utimensat) and may get a deleted blob's inode number again;
+    nobody but the clock sets a ctime.
+    """
     st = os.stat(layer.blob.path)
-    return [layer.blob.path, layer.blob.offset, layer.blob.length,
-            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]  # fmt: skip
+    return [layer.blob.offset, layer.blob.length,
+            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]  # fmt: skip
 
 
 def save(
@@ -85,7 +92,9 @@ def save(
         log.debug("layer %s: index not cached: %s", layer.descriptor.digest, exc)
         return
     try:
-        identity = blob_identity(layer)
+        # A blob still downloading has no final file yet: the next reuse
+        # hashes it instead (cheap next to decompressing it).
+        identity = blob_identity(layer) if layer.blob.feed is None else None
         header = json.dumps(
             {
                 "schema": INDEX_SCHEMA,

@@ -162,3 +162,32 @@ def test_scan_warnings_are_repeated_when_the_index_is_reused(tmp_path: Path) -> 
                    cache_dir=cache)  # fmt: skip
     assert first and first == second
     assert any("zero block" in message for message in first)
+
+
+def test_a_blob_rewritten_with_its_old_mtime_is_still_verified(tmp_path: Path) -> None:
+    # Same inode, same size, mtime set back with utime: only the ctime shows
+    # the change, and the index and the tree must not vouch for the new bytes.
+    one, _ = two_images_sharing_a_base(tmp_path, "none")
+    cache = tmp_path / "cache"
+    with mounted(one, tmp_path / "m1", cache=cache):
+        pass
+    blob = Path(open_image(one).layers[0].blob.path)
+    before = blob.stat()
+    blob.chmod(0o644)
+    with blob.open("r+b") as handle:
+        data = handle.read()
+        handle.seek(data.index(b"ID=test"))
+        handle.write(b"ID=evil")
+    os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns))
+    blob.chmod(before.st_mode & 0o7777)
+    after = blob.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    with pytest.raises(DigestMismatchError):
+        layerindex.load(str(cache), open_image(one).layers[0])
+    (tmp_path / "m2").mkdir()
+    result = run_imagefs("mount", "--quiet", f"--cache-dir={cache}", one, tmp_path / "m2")
+    assert result.returncode == 1 and "digest" in result.stderr, result.stderr
