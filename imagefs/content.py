@@ -23,7 +23,7 @@ class ContentReader:
         self._names = layer_names
         # Only plain layers can answer from the page cache without blocking;
         # resolved once here rather than on every read.
-        self._cached_readers: list[Callable[[int, int], bytes | None] | None] = [
+        self._cached_readers: list[Callable[[int, int], memoryview | None] | None] = [
             getattr(layer, "pread_cached", None) for layer in layers
         ]
 
@@ -36,11 +36,12 @@ class ContentReader:
             return self._pread(node, node.data_offset + offset, size)
         return self._read_sparse(node, offset, size)
 
-    def read_cached(self, node: Node, offset: int, size: int) -> bytes | None:
+    def read_cached(self, node: Node, offset: int, size: int) -> memoryview | None:
         """Like :meth:`read`, but only if it cannot block; None means "use read".
 
         Only plain (uncompressed) layers can answer: their bytes are a range
-        of the blob, and the page cache either has it or not.
+        of the blob, and the page cache either has it or not. The view is
+        only valid until the next call (see _PlainLayerData.pread_cached).
         """
         if node.sparse is not None or offset >= node.size or size <= 0:
             return None

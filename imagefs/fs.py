@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -224,7 +224,10 @@ class ImageOperations(pyfuse3.Operations):
         # could block (disk, decompression) in a worker thread.
         cached = self.content.read_cached(node, off, size)
         if cached is not None:
-            return cached
+            # A view of a buffer the next cached read reuses: pyfuse3 takes any
+            # buffer and copies it to the kernel as this handler returns,
+            # before the loop runs another one.
+            return cast(bytes, cached)
         return await trio.to_thread.run_sync(
             self.content.read, node, off, size, limiter=self._read_limiter
         )

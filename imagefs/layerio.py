@@ -279,6 +279,7 @@ class _PlainLayerData:
         self._base = layer.blob.offset
         self.size = layer.blob.length
         self._in_use = InUse()
+        self._scratch = bytearray()
 
     def pread(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
@@ -289,18 +290,26 @@ class _PlainLayerData:
         with self._in_use:
             return pread_exact(self._fd, size, self._base + offset)
 
-    def pread_cached(self, offset: int, size: int) -> bytes | None:
+    def pread_cached(self, offset: int, size: int) -> memoryview | None:
         """The bytes if the page cache already holds all of them, else None.
 
         ``RWF_NOWAIT`` makes the kernel answer from the page cache or refuse
         (EAGAIN) instead of going to the disk, so the FUSE loop can serve hot
         data itself (no thread hop: twice the throughput measured here) and
         still never block on a cold read.
+
+        The answer is a view of a scratch buffer that the next call reuses:
+        use it before calling again. The FUSE loop does (pyfuse3 copies it to
+        the kernel as the handler returns); skipping the allocation, zero
+        fill and copy of a fresh buffer per read took cold sequential reads
+        from ~0.55x to ~0.85x of a trivial pyfuse3 server's.
         """
         size = min(size, self.size - offset)
         if offset < 0 or size <= 0:
             return None
-        buffer = bytearray(size)
+        if len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        buffer = memoryview(self._scratch)[:size]
         with self._in_use:
             try:
                 got = os.preadv(self._fd, [buffer], self._base + offset, os.RWF_NOWAIT)
@@ -308,7 +317,7 @@ class _PlainLayerData:
                 if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
                     return None
                 raise
-        return bytes(buffer) if got == size else None
+        return buffer if got == size else None
 
     def close(self) -> None:
         if self._in_use.close():
