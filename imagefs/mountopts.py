@@ -79,8 +79,11 @@ SILENTLY_SAFE = {
 RW_WARNING = "an image is read-only; mounting read-only"
 
 # imagefs options that make no sense as -o: mount(8) would wait forever for a
-# foreground daemon, and -o inside -o is nonsense.
-NOT_MOUNT_OPTIONS = frozenset({"help", "foreground", "options"})
+# foreground daemon, and -o inside -o is nonsense. A mount started by
+# mount(8), fstab or systemd has no one at its stdin to type a password, and
+# a user name without one only fails later: credentials go in auth_file=.
+NOT_MOUNT_OPTIONS = frozenset({"help", "foreground", "options", "password_stdin", "username"})
+_CREDENTIAL_OPTIONS = frozenset({"password_stdin", "username"})
 
 _TRUE = ("", "1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
@@ -156,6 +159,11 @@ def parse_options(text: str | None, actions: dict[str, argparse.Action]) -> Moun
                 parsed.settings.setdefault(action.dest, []).append(setting)
             else:
                 parsed.settings[action.dest] = setting
+        elif key in _CREDENTIAL_OPTIONS:
+            raise UsageError(
+                f"{raw_key!r} is not a mount option: give registry credentials with "
+                "auth_file=FILE (Docker config.json format)"
+            )
         elif key in NOT_MOUNT_OPTIONS:
             raise UsageError(f"{raw_key!r} is not a mount option")
         else:

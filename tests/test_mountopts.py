@@ -81,6 +81,13 @@ def test_unknown_option_error_names_it(text: str) -> None:
     assert repr(text.partition("=")[0]) in str(info.value)
 
 
+@pytest.mark.parametrize("text", ["password_stdin", "username=bob"])
+def test_credentials_are_not_mount_options(text: str) -> None:
+    # mount(8), fstab and systemd leave nobody at stdin to type a password.
+    with pytest.raises(UsageError, match="auth_file"):
+        parse_mount_options(text)
+
+
 def test_every_mount_option_can_be_given_with_dash_o() -> None:
     """Each ``--long-option`` of ``imagefs mount`` is a ``-o`` key (dashes as underscores)."""
     parser = mount_parser()
