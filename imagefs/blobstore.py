@@ -353,6 +353,16 @@ class BlobDownload:
             raise BlobError(f"blob {self.digest}: download closed")
         return os.dup(self._read_fd)
 
+    def wait_verified(self) -> None:
+        # commit() hashed every byte as it was written; a layer pass reading
+        # the file need not hash them again.
+        with self._cond:
+            while not self.done and self._error is None:
+                self._cond.wait()
+            if not self.done:
+                assert self._error is not None
+                raise self._error
+
     def wait_for(self, end: int) -> None:
         with self._cond:
             # Bounded by the download: every write, commit and failure notifies.

@@ -27,6 +27,10 @@ class BlobFeed(Protocol):
         """Block until bytes ``[0, end)`` of the file are written; raise if the download failed."""
         ...
 
+    def wait_verified(self) -> None:
+        """Block until the whole file is written and its digest checked; raise if not."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class BlobRange:

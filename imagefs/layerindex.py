@@ -38,7 +38,7 @@ import zstandard
 
 from .entry import EntryType, TarEntry
 from .image import Layer
-from .layerio_base import AtomicFile, BlobHasher, cache_path, check_blob, digest_algorithm
+from .layerio_base import AtomicFile, DigestCheck, cache_path, check_blob, digest_check
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def save(
 
 
 def load(
-    cache_dir: str, layer: Layer, hasher: BlobHasher | None = None
+    cache_dir: str, layer: Layer, hasher: DigestCheck | None = None
 ) -> tuple[list[TarEntry], list[str]] | None:
     """The cached entries and scan warnings of ``layer``, or None to scan it.
 
@@ -150,7 +150,7 @@ def load(
     return entries, [str(w) for w in header["warnings"]]
 
 
-def _verify_blob(layer: Layer, identity: object, hasher: BlobHasher | None) -> None:
+def _verify_blob(layer: Layer, identity: object, hasher: DigestCheck | None) -> None:
     try:
         same_file = layer.blob.feed is None and blob_identity(layer) == identity
     except OSError:
@@ -164,7 +164,7 @@ def _verify_blob(layer: Layer, identity: object, hasher: BlobHasher | None) -> N
         check_blob(layer, fd)
     finally:
         os.close(fd)
-    (hasher or BlobHasher(layer, digest_algorithm(layer)[0])).verify()
+    (hasher or digest_check(layer)).verify()
 
 
 def _decode_file(data: bytes, layer: Layer) -> tuple[dict[str, Any], bytes]:

@@ -34,8 +34,10 @@ Strategy, per compression
 A background thread hashes the blob range sequentially (sha256 at ~1.7 GB/s
 here with SHA-NI). That is cheaper than making the decoders hash: rapidgzip
 reads the compressed bytes out of order, and the plain tar pass never reads
-file data. Every error names the layer's digest: no zlib, zstd or
-rapidgzip exception escapes.
+file data. A blob still downloading is not hashed again: the download
+hashes what it writes and publishes only a matching blob, and the pass waits
+for that (``layerio_base.DownloadCheck``). Every error names the layer's
+digest: no zlib, zstd or rapidgzip exception escapes.
 
 Measurements
 ------------
@@ -99,11 +101,12 @@ from typing import Protocol
 from .errors import BlobError, BlobMissingError, DigestMismatchError, LayerError, MediaTypeError
 from .image import Layer
 from .layerio_base import (
-    BlobHasher,
+    DigestCheck,
     InUse,
     cache_path,
     check_blob,
     digest_algorithm,
+    digest_check,
     pread_exact,
 )
 from .layerio_gzip import GzipLayerData, GzipStream, load_index, save_index
@@ -346,18 +349,18 @@ def _layer_pass(
     want_gzip_index: bool = False,
     seek_path: str | None = None,
     result: _PassResult | None = None,
-    hasher: BlobHasher | None = None,
+    hasher: DigestCheck | None = None,
 ) -> Iterator[_PlainStream | GzipStream | ZstdStream]:
     """One verified sequential pass; optionally builds the random-access artifacts.
 
     After the body: decode to the end (validating the whole compressed
     stream), verify the digest, and only then publish the artifacts.
     """
-    algorithm, _ = digest_algorithm(layer)
+    digest_algorithm(layer)  # a digest imagefs cannot check fails here, before any work
     fd = _open_blob(layer)
     try:
         check_blob(layer, fd)
-        hasher = hasher or BlobHasher(layer, algorithm)
+        hasher = hasher or digest_check(layer)
         builder: SeekableBuilder | None = None
         stream: _PlainStream | GzipStream | ZstdStream | None = None
         index: tuple[bytes, int] | None = None
@@ -414,7 +417,7 @@ def _layer_pass(
 
 @contextmanager
 def open_layer_stream(
-    layer: Layer, cache_dir: str | None = None, hasher: BlobHasher | None = None
+    layer: Layer, cache_dir: str | None = None, hasher: DigestCheck | None = None
 ) -> Iterator[LayerStream]:
     """The layer's uncompressed bytes, for one sequential pass (blocking).
 
@@ -450,7 +453,7 @@ def open_layer_stream(
         yield stream
 
 
-def check_digests_ahead(layers: Sequence[Layer]) -> list[BlobHasher | None]:
+def check_digests_ahead(layers: Sequence[Layer]) -> list[DigestCheck | None]:
     """Start hashing the plain-tar layers now, a core's worth at a time.
 
     The scan of a plain tar only reads headers (~1 s per 100k entries), but
@@ -463,12 +466,11 @@ def check_digests_ahead(layers: Sequence[Layer]) -> list[BlobHasher | None]:
     cancel the ones left unused.
     """
     gate = threading.Semaphore(os.cpu_count() or 1)
-    hashers: list[BlobHasher | None] = []
+    hashers: list[DigestCheck | None] = []
     for layer in layers:
         hasher = None
         if layer.blob.feed is None and detect_compression(layer) is Compression.NONE:
-            algorithm, _ = digest_algorithm(layer)
-            hasher = BlobHasher(layer, algorithm, gate)
+            hasher = digest_check(layer, gate)
         hashers.append(hasher)
     return hashers
 

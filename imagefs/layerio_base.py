@@ -13,10 +13,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from .errors import BlobError, CompressionError, DigestMismatchError, ImageFSError
-from .image import Layer
+from .image import BlobFeed, Layer
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -24,12 +24,15 @@ __all__ = [
     "AtomicFile",
     "BlobHasher",
     "BufferedStream",
+    "DigestCheck",
+    "DownloadCheck",
     "InUse",
     "RangeFile",
     "atomic_write",
     "cache_path",
     "check_blob",
     "digest_algorithm",
+    "digest_check",
     "expansion_limit",
     "pread_exact",
 ]
@@ -201,6 +204,44 @@ class BlobHasher:
     def cancel(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class DigestCheck(Protocol):
+    """A blob's digest check under way: :class:`BlobHasher` or :class:`DownloadCheck`."""
+
+    def verify(self) -> None:
+        """Block until done; DigestMismatchError (or the download's error) if it fails."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop early; the result no longer matters."""
+        ...
+
+
+class DownloadCheck:
+    """The digest check of a blob still downloading: the download's own.
+
+    The download hashes every byte as it writes it and only publishes a
+    blob whose digest matches (``BlobDownload.commit``); hashing the file
+    again while the layer pass reads it would double the work.
+    """
+
+    def __init__(self, feed: BlobFeed) -> None:
+        self._feed = feed
+
+    def verify(self) -> None:
+        self._feed.wait_verified()
+
+    def cancel(self) -> None:
+        pass  # the download goes on for the cache, or is cancelled by its owner
+
+
+def digest_check(layer: Layer, gate: threading.Semaphore | None = None) -> DigestCheck:
+    """Start checking ``layer``'s blob against its digest (see DigestCheck)."""
+    if layer.blob.feed is not None:
+        return DownloadCheck(layer.blob.feed)
+    algorithm, _ = digest_algorithm(layer)
+    return BlobHasher(layer, algorithm, gate)
 
 
 class RangeFile:

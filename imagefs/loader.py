@@ -30,7 +30,7 @@ from .layerio import (
     open_layer_stream,
     random_access_cached,
 )
-from .layerio_base import BlobHasher
+from .layerio_base import DigestCheck
 from .overlay import Node, merge_layers
 from .progress import Progress
 from .tree import MergedTree, freeze
@@ -70,7 +70,7 @@ def scan_layer(
     warn: Callable[[str], None],
     progress: Progress,
     cache_dir: Path | None = None,
-    hasher: BlobHasher | None = None,
+    hasher: DigestCheck | None = None,
     stop: threading.Event | None = None,
 ) -> list[TarEntry]:
     """Index one layer's tar headers, verifying its digest (blocking).
