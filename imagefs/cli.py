@@ -21,7 +21,7 @@ from pathlib import Path
 from . import __version__, investigate
 from .cachedir import default_cache_dir
 from .errors import ImageFSError, UsageError
-from .mount import MountRequest, mount, umount, umount_if_stale
+from .mount import DEFAULT_DECODED_CACHE_MB, MountRequest, mount, umount, umount_if_stale
 from .mountopts import (
     MountOptions,
     apply_options,
@@ -44,6 +44,17 @@ EXIT_INTERRUPTED = 130
 def parse_mount_options(text: str | None) -> MountOptions:
     """Sort ``-o`` text against the ``mount`` command's options (see imagefs.mountopts)."""
     return parse_options(text, option_actions(subcommand(_build_parser(), "mount")))
+
+
+def _megabytes(text: str) -> int:
+    """A whole number of MiB, at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MB: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 MB: {text!r}")
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -100,6 +111,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--unsafe-dev", action="store_true", help="honour device files (trusted images only)"
+    )
+    mount.add_argument(
+        "--decoded-cache",
+        type=_megabytes,
+        default=DEFAULT_DECODED_CACHE_MB,
+        metavar="MB",
+        help="memory for decoded gzip/zstd data, per kind of layer "
+        f"(default {DEFAULT_DECODED_CACHE_MB})",
     )
     mount.add_argument(
         "--layers",
@@ -168,6 +187,7 @@ def _run_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         registry=registry_cli.registry_options(args, args.source),
         layers=args.layers,
         upto=args.upto,
+        decoded_cache_bytes=args.decoded_cache << 20,
     )
     mount(request)
 

@@ -81,7 +81,9 @@ Memory: the gzip pass peaks at ~245 MB RSS, because rapidgzip buffers
 chunks in flight. About 65 MB of that stays with its allocator after the
 pass (it is reused, not leaked). Each open gzip reader caches up to 16
 decoded chunks (~20 MB), so at most ``MAX_OPEN_READERS`` stay open. The
-zstd pass peaks at 46 MB, and zstd reads share a 32 MB frame cache.
+zstd pass peaks at 46 MB, and zstd reads share a 32 MB frame cache. Both
+bounds follow :func:`set_decoded_cache_limit` (``imagefs mount
+--decoded-cache MB``).
 """
 
 from __future__ import annotations
@@ -109,8 +111,14 @@ from .layerio_base import (
     digest_check,
     pread_exact,
 )
-from .layerio_gzip import GzipLayerData, GzipStream, load_index, save_index
-from .layerio_zstd import SeekableBuilder, ZstdLayerData, ZstdStream
+from .layerio_gzip import (
+    GzipLayerData,
+    GzipStream,
+    load_index,
+    save_index,
+    set_open_reader_limit,
+)
+from .layerio_zstd import SeekableBuilder, ZstdLayerData, ZstdStream, set_frame_cache_bytes
 
 __all__ = [
     "Compression",
@@ -121,6 +129,7 @@ __all__ = [
     "open_layer_data",
     "open_layer_stream",
     "random_access_cached",
+    "set_decoded_cache_limit",
 ]
 
 log = logging.getLogger(__name__)
@@ -473,6 +482,21 @@ def check_digests_ahead(layers: Sequence[Layer]) -> list[DigestCheck | None]:
             hasher = digest_check(layer, gate)
         hashers.append(hasher)
     return hashers
+
+
+GZIP_READER_BYTES = 20 << 20  # RSS of one open rapidgzip reader, its chunk cache full
+
+
+def set_decoded_cache_limit(max_bytes: int) -> None:
+    """Bound the memory that holds decoded layer data, process-wide.
+
+    gzip keeps decoded chunks inside each open rapidgzip reader (~20 MB
+    each), so the bound sets how many stay open (at least one); zstd keeps
+    decoded frames in one LRU of that many bytes. Each kind stays within
+    the bound, so an image with both may use up to twice it.
+    """
+    set_open_reader_limit(max(1, max_bytes // GZIP_READER_BYTES))
+    set_frame_cache_bytes(max(0, max_bytes))
 
 
 def random_access_cached(layer: Layer, cache_dir: str) -> bool:

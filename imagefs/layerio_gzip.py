@@ -35,7 +35,14 @@ from .errors import BlobError, CompressionError, ImageFSError
 from .image import Layer
 from .layerio_base import BufferedStream, RangeFile, atomic_write
 
-__all__ = ["GZIP_CHUNK_SIZE", "GzipLayerData", "GzipStream", "load_index", "save_index"]
+__all__ = [
+    "GZIP_CHUNK_SIZE",
+    "GzipLayerData",
+    "GzipStream",
+    "load_index",
+    "save_index",
+    "set_open_reader_limit",
+]
 
 # rapidgzip's chunk size for the indexing pass. Measured, the exported index
 # then has a checkpoint every ~chunk size of *uncompressed* data (median
@@ -200,6 +207,14 @@ class _OpenReaders:
 
 
 _OPEN_READERS = _OpenReaders(MAX_OPEN_READERS)
+
+
+def set_open_reader_limit(limit: int) -> None:
+    """How many rapidgzip readers may stay open at once (process-wide, >= 1).
+
+    Readers over the limit close on their layers' next touch of the LRU.
+    """
+    _OPEN_READERS.limit = max(1, limit)
 
 
 class _ReaderState:

@@ -50,6 +50,7 @@ __all__ = [
     "SeekableBuilder",
     "ZstdLayerData",
     "ZstdStream",
+    "set_frame_cache_bytes",
 ]
 
 # Uncompressed bytes per re-encoded frame. A cache miss decodes one frame
@@ -503,6 +504,13 @@ class _FrameCache:
 
 
 _FRAME_CACHE = _FrameCache(FRAME_CACHE_BYTES)
+
+
+def set_frame_cache_bytes(max_bytes: int) -> None:
+    """Bound the decoded-frame LRU (process-wide); extra frames go at the next put."""
+    _FRAME_CACHE.max_bytes = max_bytes
+
+
 _OWNER_IDS = itertools.count(1)
 _THREAD_LOCAL = threading.local()
 

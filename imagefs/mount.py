@@ -40,6 +40,7 @@ from .fs import ImageOperations
 from .image import Platform
 from .indexer import load_cached
 from .investigate import load_for_mount
+from .layerio import set_decoded_cache_limit
 from .loader import load_image
 from .logsetup import stderr_handler
 from .mounttab import forget, mount_at, remove_record, write_record
@@ -52,6 +53,10 @@ log = logging.getLogger("imagefs")
 
 # Read-only always; nosuid/nodev because the image may be hostile: a setuid
 # binary or a device node inside it must not act as one on this host.
+# Decoded layer data kept in memory by default: four open gzip readers
+# (~20 MB each), or that many bytes of zstd frames.
+DEFAULT_DECODED_CACHE_MB = 80
+
 BASE_FUSE_OPTIONS = frozenset({"ro", "nosuid", "nodev", "default_permissions", "subtype=imagefs"})
 
 
@@ -80,6 +85,8 @@ class MountRequest:
     # --upto N the file system as it stood after layer N.
     layers: bool = False
     upto: int | None = None
+    # Bound on decoded gzip chunks / zstd frames kept in memory (--decoded-cache).
+    decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_MB << 20
 
     def fuse_options(self) -> set[str]:
         # fsname shows as the first column of /proc/mounts: keep the source
@@ -212,6 +219,7 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
         # Terminal progress lines, and a STATUS= line per step under systemd.
         progress = NotifyingProgress(report_status, enabled=not request.quiet)
         cache_dir = ensure_cache_dir(request.cache_dir) if request.cache_dir else None
+        set_decoded_cache_limit(request.decoded_cache_bytes)
         if request.layers or request.upto is not None:
             loaded = load_for_mount(
                 request.source,
