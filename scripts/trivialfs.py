@@ -1,7 +1,9 @@
 """A minimal pyfuse3 server exposing one file read with os.pread: the bench's ceiling.
 
 Usage: trivialfs.py FILE MOUNTPOINT (foreground; unmount with fusermount3 -u).
-Same kernel options as imagefs (keep_cache off for a fair cold read).
+Same kernel options as imagefs (keep_cache off for a fair cold read). With
+TRIVIALFS_NO_CACHE=1 the kernel caches no entry or attribute, so every stat
+is a request: the bench times pyfuse3's round trip with it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pyfuse3
 import trio
 
 FILE_INODE = pyfuse3.InodeT(pyfuse3.ROOT_INODE + 1)
+TIMEOUT = 0 if os.environ.get("TRIVIALFS_NO_CACHE") == "1" else 3600
 
 
 class OneFile(pyfuse3.Operations):
@@ -26,7 +29,7 @@ class OneFile(pyfuse3.Operations):
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = pyfuse3.InodeT(inode)
-        attr.entry_timeout = attr.attr_timeout = 3600
+        attr.entry_timeout = attr.attr_timeout = TIMEOUT
         if inode == pyfuse3.ROOT_INODE:
             attr.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o755)
             attr.st_nlink = 2
