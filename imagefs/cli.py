@@ -21,7 +21,14 @@ from pathlib import Path
 from . import __version__, investigate
 from .cachedir import default_cache_dir
 from .errors import ImageFSError, UsageError
-from .mount import DEFAULT_DECODED_CACHE_MB, MountRequest, mount, umount, umount_if_stale
+from .mount import (
+    DEFAULT_DECODED_CACHE_MB,
+    DEFAULT_READAHEAD_KB,
+    MountRequest,
+    mount,
+    umount,
+    umount_if_stale,
+)
 from .mountopts import (
     MountOptions,
     apply_options,
@@ -54,6 +61,17 @@ def _megabytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number of MB: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 MB: {text!r}")
+    return value
+
+
+def _kilobytes(text: str) -> int:
+    """A whole number of KiB, 0 or more (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of KB: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
 
 
@@ -119,6 +137,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="memory for decoded gzip/zstd data, per kind of layer "
         f"(default {DEFAULT_DECODED_CACHE_MB})",
+    )
+    mount.add_argument(
+        "--readahead",
+        type=_kilobytes,
+        default=DEFAULT_READAHEAD_KB,
+        metavar="KB",
+        help="the mount's readahead window, as root "
+        f"(default {DEFAULT_READAHEAD_KB}; 0 keeps the kernel's)",
     )
     mount.add_argument(
         "--layers",
@@ -188,6 +214,7 @@ def _run_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         layers=args.layers,
         upto=args.upto,
         decoded_cache_bytes=args.decoded_cache << 20,
+        readahead_kb=args.readahead,
     )
     mount(request)
 
