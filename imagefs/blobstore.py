@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BlobError, DigestMismatchError, ImageFSError
+from .packedtree import tree_layers
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ class BlobStore:
         return found
 
     def prune(self, keep: set[str]) -> PruneResult:
-        """Remove blobs not in ``keep``, their layerio cache files, and dead downloads.
+        """Remove blobs not in ``keep``, their layerio cache files and merged
+        trees, and dead downloads.
 
         A download in progress is kept (its writer holds the lock). A mount
         still serving a removed blob keeps reading its open inode.
@@ -219,6 +221,22 @@ class BlobStore:
                 removed = _remove_if_unlocked(entry.path)
                 if removed is not None:
                     files, size = files + 1, size + removed
+        # Merged trees (indexer.tree_path) of images with a layer no longer
+        # kept, or that cannot be read: derived data, rebuilt on the next
+        # mount. A mount serving one keeps its mapping of the removed file.
+        # Lock files stay: a build may hold one.
+        trees = self.root / "trees"
+        if trees.is_dir():
+            for entry in os.scandir(trees):
+                if not entry.name.endswith(".tree") or not entry.is_file():
+                    continue
+                layers = tree_layers(Path(entry.path))
+                if layers is not None and keep.issuperset(layers):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    entry_size = entry.stat().st_size
+                    os.unlink(entry.path)
+                    files, size = files + 1, size + entry_size
         return PruneResult(files, size)
 
 

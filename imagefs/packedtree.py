@@ -368,6 +368,29 @@ def _body_crc(path: Path) -> int:
     return crc
 
 
+def tree_layers(path: Path) -> list[str] | None:
+    """The layer digests a tree file was built from, or None if it cannot be read.
+
+    For ``imagefs cache prune``: only the header and the sources are read.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                return None
+            magic, version, _, _, _, sources_offset, sources_len, *_ = _HEADER.unpack(head)
+            if magic != MAGIC or version != FORMAT_VERSION:
+                return None
+            handle.seek(sources_offset)
+            stored = json.loads(handle.read(sources_len))
+        layers = stored["layers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(layers, list) or not all(isinstance(d, str) for d in layers):
+        return None
+    return layers
+
+
 def open_packed_tree(path: Path, sources: dict[str, Any]) -> PackedTree | None:
     """Open a packed tree if it is intact and was built from ``sources``."""
     try:

@@ -181,17 +181,24 @@ def test_pull_offline_cache_ls_and_prune(open_registry: Registry, tmp_path: Path
         "mount", "--offline", f"--cache-dir={cache}", f"{open_registry.host}/test/never:1", tmp_path
     )
     assert missing.returncode == 1 and "never pulled here (--offline)" in missing.stderr
-    # A blob no tag reaches goes; the tagged image stays.
+    # A blob no tag reaches goes, and so does the merged tree of an image
+    # whose layers are gone; the tagged image and its tree stay.
+    trees = sorted((cache / "trees").glob("*.tree"))
+    assert len(trees) == 1
     stray = cache / "blobs" / "sha256" / ("0" * 64)
     stray.write_bytes(b"stray")
+    orphan = cache / "trees" / ("f" * 64 + ".tree")
+    orphan.write_bytes(b"not a tree")
     pruned = run_imagefs("cache", "prune", f"--cache-dir={cache}")
-    assert pruned.returncode == 0 and "removed 1 files" in pruned.stdout
-    assert not stray.exists()
+    assert pruned.returncode == 0 and "removed 2 files" in pruned.stdout, pruned.stdout
+    assert not stray.exists() and not orphan.exists()
+    assert sorted((cache / "trees").glob("*.tree")) == trees
     with mounted(offline_ref, tmp_path / "mnt2", f"--cache-dir={cache}", "--offline") as mnt:
         assert (mnt / "etc" / "two").read_text() == "2\n"
     everything = run_imagefs("cache", "prune", "--all", f"--cache-dir={cache}")
     assert everything.returncode == 0
     assert not list((cache / "blobs" / "sha256").iterdir())
+    assert not list((cache / "trees").glob("*.tree"))
     assert "0 tags" in run_imagefs("cache", "ls", f"--cache-dir={cache}").stdout
 
 
