@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__, investigate
@@ -53,26 +53,19 @@ def parse_mount_options(text: str | None) -> MountOptions:
     return parse_options(text, option_actions(subcommand(_build_parser(), "mount")))
 
 
-def _megabytes(text: str) -> int:
-    """A whole number of MiB, at least 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of MB: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 MB: {text!r}")
-    return value
+def _whole_number(unit: str, minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``unit``, at least ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} {unit}: {text!r}")
+        return value
 
-def _kilobytes(text: str) -> int:
-    """A whole number of KiB, 0 or more (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of KB: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
+    return parse
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -132,7 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--decoded-cache",
-        type=_megabytes,
+        type=_whole_number("MB", 1),
         default=DEFAULT_DECODED_CACHE_MB,
         metavar="MB",
         help="memory for decoded gzip/zstd data, per kind of layer "
@@ -140,7 +133,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--readahead",
-        type=_kilobytes,
+        type=_whole_number("KB", 0),
         default=DEFAULT_READAHEAD_KB,
         metavar="KB",
         help="the mount's readahead window, as root "
