@@ -474,7 +474,8 @@ def check_digests_ahead(layers: Sequence[Layer]) -> list[DigestCheck | None]:
     hasher (one per layer, None for the others) to :func:`open_layer_stream`;
     cancel the ones left unused.
     """
-    gate = threading.Semaphore(os.cpu_count() or 1)
+    # The CPUs this process may use (taskset, cgroups), not the host's.
+    gate = threading.Semaphore(max(1, len(os.sched_getaffinity(0))))
     hashers: list[DigestCheck | None] = []
     for layer in layers:
         hasher = None

@@ -208,7 +208,7 @@ def scan_threads() -> int:
     value = os.environ.get("IMAGEFS_SCAN_THREADS", "")
     if value.isdigit() and int(value) > 0:
         return int(value)
-    return max(2, os.cpu_count() or 1)
+    return max(2, len(os.sched_getaffinity(0)))
 
 
 def load_image(
