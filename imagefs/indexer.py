@@ -15,16 +15,16 @@ and they start in the child. The child reports failure by pickling the
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from .cachedir import build_lock
 from .errors import ImageFSError
 from .image import Image
 from .loader import LoadedImage, scan_layers, with_readers
@@ -109,7 +109,8 @@ def load_cached(
     path = tree_path(cache_dir, image)
     tree = open_packed_tree(path, sources)
     if tree is None:
-        with _build_lock(path):
+        # Concurrent first mounts of an image build its tree once.
+        with build_lock(path):
             # Another mount of the same image may have built it while we waited.
             tree = open_packed_tree(path, sources) or _build(
                 image, path, sources, cache_dir=cache_dir, warn=warn, progress=progress
@@ -117,20 +118,6 @@ def load_cached(
     resources = ExitStack()
     resources.callback(tree.close)
     return with_readers(image, tree, cache_dir, resources)
-
-
-@contextmanager
-def _build_lock(path: Path) -> Iterator[None]:
-    """Serialise builds of one tree: concurrent first mounts of an image
-    (a fleet starting at once) build it once; the others wait and map it."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, even on a crash
-        yield
-    finally:
-        os.close(fd)
 
 
 def _build(

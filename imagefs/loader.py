@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layerindex
+from .cachedir import build_lock
 from .content import ContentReader
 from .entry import TarEntry
 from .errors import ImageFSError
@@ -96,33 +97,43 @@ def scan_layer(
         warn(f"layer {name}: {message}")
 
     try:
-        if cache is not None and random_access_cached(layer, cache):
-            cached = layerindex.load(cache, layer, hasher)
-            if cached is not None:
-                entries, warnings = cached
-                for message in warnings:
-                    warn(f"layer {name}: {message}")
-                task.finish(len(entries), layer.blob.length)
-                return entries
-        # With a cache dir the same pass also leaves the gzip checkpoints or
-        # the zstd seekable re-encoding there, so open_layer_data decodes nothing.
-        with open_layer_stream(layer, cache, hasher) as stream:
-            for entry in scan_tar(stream, warn_layer):
-                entries.append(entry)
-                if len(entries) % _PROGRESS_EVERY == 0:
-                    task.update(len(entries), stream.tell())
-                    if stop is not None and stop.is_set():
-                        raise _ScanStoppedError
-            position = stream.tell()
+        # Mounts of images that share this layer (a fleet starting at once)
+        # scan it once: the others wait here, then read the index it leaves.
+        lock = (
+            build_lock(Path(layerindex.index_path(cache, layer)), best_effort=True)
+            if cache is not None
+            else nullcontext()
+        )
+        with lock:
+            if cache is not None and random_access_cached(layer, cache):
+                cached = layerindex.load(cache, layer, hasher)
+                if cached is not None:
+                    log.debug("layer %s: entries from its cached index", name)
+                    entries, warnings = cached
+                    for message in warnings:
+                        warn(f"layer {name}: {message}")
+                    task.finish(len(entries), layer.blob.length)
+                    return entries
+            log.debug("layer %s: scanning", name)
+            # With a cache dir the same pass also leaves the gzip checkpoints or
+            # the zstd seekable re-encoding there, so open_layer_data decodes nothing.
+            with open_layer_stream(layer, cache, hasher) as stream:
+                for entry in scan_tar(stream, warn_layer):
+                    entries.append(entry)
+                    if len(entries) % _PROGRESS_EVERY == 0:
+                        task.update(len(entries), stream.tell())
+                        if stop is not None and stop.is_set():
+                            raise _ScanStoppedError
+                position = stream.tell()
+            # Only now is the digest verified (the stream checked it on exit).
+            if cache is not None:
+                layerindex.save(cache, layer, entries, warnings)
     except _ScanStoppedError:
         task.finish(len(entries), 0)
         raise
     except ImageFSError as exc:
         task.finish(len(entries), 0)
         raise type(exc)(f"layer {index + 1}/{count} ({layer.descriptor.digest}): {exc}") from exc
-    # Only now is the digest verified (the stream checks it on exit).
-    if cache is not None:
-        layerindex.save(cache, layer, entries, warnings)
     task.finish(len(entries), position)
     return entries
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,8 @@ from imagefs.progress import Progress
 from imagefs.sources import open_image
 from tests import builder, images
 from tests.builder import directory, file
-from tests.mounting import mounted, run_imagefs
+from tests.mounting import IMAGEFS, mounted, run_imagefs
+from tests.needs import require_fuse
 from tests.oracle import compare, snapshot
 
 BASE = [directory("etc"), file("etc/os-release", "ID=test\n"), file("bin/sh", b"\x7fELF" * 500)]
@@ -191,3 +196,60 @@ def test_a_blob_rewritten_with_its_old_mtime_is_still_verified(tmp_path: Path) -
     (tmp_path / "m2").mkdir()
     result = run_imagefs("mount", "--quiet", f"--cache-dir={cache}", one, tmp_path / "m2")
     assert result.returncode == 1 and "digest" in result.stderr, result.stderr
+
+
+def blocked_on(lock: Path) -> int:
+    """How many flock requests wait on ``lock`` (the "->" lines of /proc/locks)."""
+    inode = f":{lock.stat().st_ino} "
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "->" in line and inode in line)
+
+
+def test_concurrent_first_mounts_of_images_sharing_a_layer_scan_it_once(tmp_path: Path) -> None:
+    require_fuse()
+    base = builder.make_layer_tar([file(f"base/f{i}", f"file {i}\n") for i in range(500)])
+    cache = tmp_path / "cache"
+    sources, mounts, logs = [], [], []
+    for name in ("one", "two", "three"):
+        top = builder.make_layer_tar([file(f"etc/{name}", name)])
+        layout = builder.write_oci_layout(tmp_path / name, [base, top], compression="gzip", tag="t")
+        sources.append(f"oci:{layout}:t")
+        mounts.append(tmp_path / f"m-{name}")
+        logs.append(tmp_path / f"log-{name}")
+        mounts[-1].mkdir()
+    # Hold the base layer's lock, as a mount scanning it would, until all
+    # three mounts wait on it: then they race for it for real.
+    cache.mkdir(mode=0o700)
+    lock = Path(layerindex.index_path(str(cache), open_image(sources[0]).layers[0]) + ".lock")
+    held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    release = contextlib.ExitStack()
+    release.callback(os.close, held)
+    processes = [
+        subprocess.Popen(
+            [*IMAGEFS, "mount", "--quiet", "--debug", f"--log={log}", f"--cache-dir={cache}",
+             source, str(mnt)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for source, mnt, log in zip(sources, mounts, logs, strict=True)
+    ]  # fmt: skip
+    try:
+        for _ in range(3000):
+            if blocked_on(lock) == 3 or any(p.poll() is not None for p in processes):
+                break
+            time.sleep(0.02)
+        assert blocked_on(lock) == 3, "the mounts do not wait for the layer's lock"
+        release.close()
+        assert [process.wait(timeout=300) for process in processes] == [0, 0, 0]
+        for name, mnt in zip(("one", "two", "three"), mounts, strict=True):
+            assert (mnt / "etc" / name).read_text() == name
+            assert len(list((mnt / "base").iterdir())) == 500
+    finally:
+        release.close()
+        for mnt in mounts:
+            run_imagefs("umount", mnt)
+    short = open_image(sources[0]).layers[0].descriptor.digest.split(":")[1][:12]
+    text = "".join(log.read_text() for log in logs)
+    # One mount scanned the base layer; the two others waited and read its index.
+    assert text.count(f"layer sha256:{short}: scanning") == 1, text
+    assert text.count(f"layer sha256:{short}: entries from its cached index") == 2, text
