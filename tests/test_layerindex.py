@@ -40,6 +40,15 @@ def two_images_sharing_a_base(tmp_path: Path, compression: builder.Compression) 
     return sources
 
 
+def assert_refused(source: str, cache: Path, mountpoint: Path) -> None:
+    """The base layer's cached index is not served: load and mount fail on the digest."""
+    with pytest.raises(DigestMismatchError):
+        layerindex.load(str(cache), open_image(source).layers[0])
+    mountpoint.mkdir()
+    result = run_imagefs("mount", "--quiet", f"--cache-dir={cache}", source, mountpoint)
+    assert result.returncode == 1 and "digest" in result.stderr, result.stderr
+
+
 def scan(image: Image, index: int, cache: Path | None) -> list[TarEntry]:
     layer = image.layers[index]
     return scan_layer(layer, index, len(image.layers), warn=lambda _: None,
@@ -119,11 +128,7 @@ def test_a_blob_that_does_not_match_its_digest_is_refused_despite_the_index(
     data[data.index(b"ID=test")] = ord("X")  # same size, other content
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
-    with pytest.raises(DigestMismatchError):
-        layerindex.load(str(cache), open_image(two).layers[0])
-    (tmp_path / "m2").mkdir()
-    result = run_imagefs("mount", "--quiet", f"--cache-dir={cache}", two, tmp_path / "m2")
-    assert result.returncode == 1 and "digest" in result.stderr, result.stderr
+    assert_refused(two, cache, tmp_path / "m2")
 
 
 def test_corrupt_index_is_rescanned_and_rewritten(tmp_path: Path) -> None:
@@ -191,11 +196,7 @@ def test_a_blob_rewritten_with_its_old_mtime_is_still_verified(tmp_path: Path) -
         before.st_size,
         before.st_mtime_ns,
     )
-    with pytest.raises(DigestMismatchError):
-        layerindex.load(str(cache), open_image(one).layers[0])
-    (tmp_path / "m2").mkdir()
-    result = run_imagefs("mount", "--quiet", f"--cache-dir={cache}", one, tmp_path / "m2")
-    assert result.returncode == 1 and "digest" in result.stderr, result.stderr
+    assert_refused(one, cache, tmp_path / "m2")
 
 
 def blocked_on(lock: Path) -> int:
