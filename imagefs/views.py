@@ -84,22 +84,11 @@ def upto_image(image: Image, upto: int) -> Image:
 
 
 def copy_node(node: Node) -> Node:
-    """A detached copy of one node; a directory's copy has no children yet."""
-    return Node(
-        type=node.type,
-        mode=node.mode,
-        uid=node.uid,
-        gid=node.gid,
-        mtime_ns=node.mtime_ns,
-        layer=node.layer,
-        size=node.size,
-        target=node.target,
-        rdev=node.rdev,
-        xattrs=node.xattrs,  # never mutated after the merge (replaced whole)
-        data_offset=node.data_offset,
-        sparse=node.sparse,
-        children={} if node.is_dir else None,
-    )
+    """A detached copy of one node; a directory's copy has no children yet.
+
+    The xattrs dict is shared: it is never mutated after the merge (replaced whole).
+    """
+    return dataclasses.replace(node, children={} if node.is_dir else None)
 
 
 def clone_tree(root: Node, memo: dict[int, Node] | None = None) -> Node:

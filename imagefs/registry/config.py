@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -113,18 +113,13 @@ def with_config_file(options: RegistryOptions) -> RegistryOptions:
         for key, urls in mirrors.items():
             per_registry.setdefault(key, []).extend(_string_list(urls, f"{path}: mirrors.{key}"))
         insecure.update(_string_list(data.get("insecure-registries", []), f"{path}: insecure"))
-    return RegistryOptions(
+    return replace(
+        options,
         registry_mirrors=tuple(check_mirror_url(u) for u in hub),
         mirrors=tuple(
             (key, tuple(check_mirror_url(u) for u in urls)) for key, urls in per_registry.items()
         ),
         insecure=frozenset(insecure),
-        ca_bundle=options.ca_bundle,
-        auth_file=options.auth_file,
-        credentials=options.credentials,
-        credentials_host=options.credentials_host,
-        offline=options.offline,
-        config_file=options.config_file,
     )
 
 
