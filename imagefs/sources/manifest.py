@@ -22,7 +22,7 @@ from ..errors import (
     MediaTypeError,
     PlatformError,
 )
-from ..image import Descriptor, Platform
+from ..image import BlobRange, Descriptor, Platform
 from .platform import match_rank
 from .store import MAX_JSON_SIZE, Store, read_range
 
@@ -320,10 +320,11 @@ def parse_config(data: bytes, where: str) -> ImageConfig:
 # -- reading blobs ------------------------------------------------------------
 
 
-def read_blob(store: Store, desc: Descriptor, what: str, where: str) -> bytes:
-    """Read a small blob (manifest, index, config) and verify size and digest.
+def locate_blob(store: Store, desc: Descriptor, what: str, where: str) -> BlobRange:
+    """Where the blob ``desc`` names is; its size must match the descriptor's.
 
-    ``where`` names the document that referenced it, for messages.
+    ``what`` says what the blob is (layer, config...); ``where`` names the
+    document that referenced it, for messages.
     """
     name = blob_name(desc.digest)
     rng = store.locate(name)
@@ -333,6 +334,13 @@ def read_blob(store: Store, desc: Descriptor, what: str, where: str) -> bytes:
         raise DigestMismatchError(
             f"{store.where(name)}: {what} is {rng.length} bytes, descriptor says {desc.size}"
         )
+    return rng
+
+
+def read_blob(store: Store, desc: Descriptor, what: str, where: str) -> bytes:
+    """Read a small blob (manifest, index, config) and verify size and digest."""
+    rng = locate_blob(store, desc, what, where)
+    name = blob_name(desc.digest)
     data = read_range(rng, store.where(name))
     verify_digest(data, desc.digest, store.where(name), what)
     return data

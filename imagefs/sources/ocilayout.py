@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections import deque
 
 from ..errors import (
-    BlobMissingError,
-    DigestMismatchError,
     ManifestError,
     SourceError,
     SourceNotFoundError,
 )
-from ..image import BlobRange, Descriptor, Image, Layer, Platform
+from ..image import Descriptor, Image, Layer, Platform
 from .manifest import (
     CONTAINERD_NAME,
     INDEX_TYPES,
@@ -34,6 +32,7 @@ from .manifest import (
     expect_object,
     get_str,
     load_json,
+    locate_blob,
     parse_config,
     parse_manifest_or_index,
     read_blob,
@@ -129,19 +128,6 @@ def resolve_manifest(
     raise ManifestError(f"{where}: image indexes nested deeper than {MAX_INDEX_DEPTH} levels")
 
 
-def locate_layer(store: Store, desc: Descriptor, where: str) -> BlobRange:
-    """Where a layer blob is; its size must match (its digest is checked when read)."""
-    name = blob_name(desc.digest)
-    rng = store.locate(name)
-    if rng is None:
-        raise BlobMissingError(f"{where}: layer blob {desc.digest} is missing")
-    if rng.length != desc.size:
-        raise DigestMismatchError(
-            f"{store.where(name)}: layer is {rng.length} bytes, descriptor says {desc.size}"
-        )
-    return rng
-
-
 def build_image(
     store: Store,
     manifest_desc: Descriptor,
@@ -160,7 +146,7 @@ def build_image(
             f"{len(config.diff_ids)} diff_ids"
         )
     layers = tuple(
-        Layer(d, locate_layer(store, d, where), diff_id)
+        Layer(d, locate_blob(store, d, "layer", where), diff_id)
         for d, diff_id in zip(manifest.layers, config.diff_ids, strict=True)
     )
     return Image(
