@@ -55,7 +55,7 @@ from .ocilayout import (
     resolve_manifest,
 )
 from .platform import match_rank
-from .store import Store, read_range
+from .store import Store, read_file
 
 MANIFEST_JSON = "manifest.json"
 
@@ -88,10 +88,8 @@ def _check_path(value: object, where: str) -> str:
 
 def read_manifest_json(store: Store) -> list[ArchiveEntry]:
     where = store.where(MANIFEST_JSON)
-    rng = store.locate(MANIFEST_JSON)
-    if rng is None:
-        raise ManifestError(f"{where}: missing: not a docker save archive")
-    doc = load_json(read_range(rng, where), where)
+    missing = ManifestError(f"{where}: missing: not a docker save archive")
+    doc = load_json(read_file(store, MANIFEST_JSON, missing), where)
     if not isinstance(doc, list):
         raise ManifestError(f"{where}: must be a JSON array of images")
     entries: list[ArchiveEntry] = []
@@ -160,10 +158,8 @@ def open_docker_archive(
     entry = _select(read_manifest_json(store), ref, mwhere)
 
     cwhere = store.where(entry.config)
-    rng = store.locate(entry.config)
-    if rng is None:
-        raise BlobMissingError(f"{mwhere}: config {entry.config} is missing")
-    config_bytes = read_range(rng, cwhere)
+    missing = BlobMissingError(f"{mwhere}: config {entry.config} is missing")
+    config_bytes = read_file(store, entry.config, missing)
     named = _path_digest(entry.config, mwhere)
     if named is not None:
         verify_digest(config_bytes, named, cwhere, "config")

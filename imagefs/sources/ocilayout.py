@@ -39,7 +39,7 @@ from .manifest import (
     select_platform,
 )
 from .names import names_match
-from .store import Store, read_range
+from .store import Store, read_file
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
@@ -51,20 +51,16 @@ def is_layout(store: Store) -> bool:
 
 def read_layout_index(store: Store) -> ImageIndex:
     """Check ``oci-layout`` (imageLayoutVersion 1.x) and parse ``index.json``."""
-    rng = store.locate(LAYOUT_FILE)
-    if rng is None:
-        raise SourceError(f"{store.where(LAYOUT_FILE)}: missing: not an OCI image layout")
     where = store.where(LAYOUT_FILE)
-    marker = expect_object(load_json(read_range(rng, where), where), where)
+    data = read_file(store, LAYOUT_FILE, SourceError(f"{where}: missing: not an OCI image layout"))
+    marker = expect_object(load_json(data, where), where)
     version = get_str(marker, "imageLayoutVersion", where)
     if version is None or not version.startswith("1."):
         raise ManifestError(f"{where}: unsupported imageLayoutVersion {version!r}")
-    rng = store.locate(INDEX_FILE)
     where = store.where(INDEX_FILE)
-    if rng is None:
-        raise ManifestError(f"{where}: missing")
+    data = read_file(store, INDEX_FILE, ManifestError(f"{where}: missing"))
     # index.json is an image index whose mediaType may be omitted.
-    doc = parse_manifest_or_index(read_range(rng, where), where)
+    doc = parse_manifest_or_index(data, where)
     if not isinstance(doc, ImageIndex):
         raise ManifestError(f"{where}: is an image manifest, expected an image index")
     return doc

@@ -12,7 +12,7 @@ import os
 import stat
 from typing import Protocol
 
-from ..errors import BlobError, ManifestError
+from ..errors import BlobError, ImageFSError, ManifestError
 from ..image import BlobRange
 from .tarmembers import TarMembers
 
@@ -100,3 +100,11 @@ def read_range(rng: BlobRange, where: str, *, limit: int = MAX_JSON_SIZE) -> byt
         raise BlobError(f"{where}: cannot read: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
+
+
+def read_file(store: Store, name: str, missing: ImageFSError) -> bytes:
+    """The whole (small) file ``name`` of ``store``; raises ``missing`` if it is absent."""
+    rng = store.locate(name)
+    if rng is None:
+        raise missing
+    return read_range(rng, store.where(name))
