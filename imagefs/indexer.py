@@ -27,6 +27,7 @@ from typing import Any
 from .cachedir import build_lock
 from .errors import ImageFSError
 from .image import Image
+from .layerindex import blob_identity
 from .loader import LoadedImage, scan_layers, with_readers
 from .overlay import merge_layers
 from .packedtree import PackedTree, open_packed_tree, write_packed_root
@@ -43,18 +44,12 @@ def tree_sources(image: Image) -> dict[str, Any]:
     """What a persisted tree depends on; any change makes it stale.
 
     Layer digests name the content; the identity of each local blob file
-    (device, inode, size, mtime, ctime) catches a file replaced or rewritten
-    in place since the tree was built, whose digest was verified back then.
-    The ctime cannot be set back the way an mtime can (see
-    layerindex.blob_identity).
+    (layerindex.blob_identity: range, device, inode, size, mtime, ctime)
+    catches a file replaced or rewritten in place since the tree was built,
+    whose digest was verified back then. The tree also keys on each blob's
+    path, which the layer index does not need.
     """
-    blobs = []
-    for layer in image.layers:
-        st = os.stat(layer.blob.path)
-        blobs.append(
-            [layer.blob.path, layer.blob.offset, layer.blob.length,
-             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-        )  # fmt: skip
+    blobs = [[layer.blob.path, *blob_identity(layer)] for layer in image.layers]
     return {
         "schema": TREE_SCHEMA,
         "layers": [layer.descriptor.digest for layer in image.layers],
