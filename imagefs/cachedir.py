@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ImageFSError
+from imagefs.errors import ImageFSError
 
 SYSTEM_CACHE = Path("/var/cache/imagefs")
 

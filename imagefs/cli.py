@@ -5,7 +5,7 @@ Errors are printed as one line (``imagefs: <what went wrong>``) with a
 non-zero exit status; ``--debug`` adds the traceback and debug logging.
 
 ``imagefs SOURCE MOUNTPOINT -o OPTIONS``, the form mount(8) uses through
-``mount.fuse3``, means ``imagefs mount`` (see imagefs.mountopts).
+``mount.fuse3``, means ``imagefs mount`` (see imagefs.daemon.options).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__, investigate
-from .cachedir import default_cache_dir
-from .errors import ImageFSError, UsageError
-from .mount import (
+from imagefs import __version__
+from imagefs.cachedir import default_cache_dir
+from imagefs.daemon.mount import (
     DEFAULT_DECODED_CACHE_MB,
     DEFAULT_READAHEAD_KB,
     MountRequest,
@@ -29,7 +28,8 @@ from .mount import (
     umount,
     umount_if_stale,
 )
-from .mountopts import (
+from imagefs.daemon.mounttab import format_table, list_mounts
+from imagefs.daemon.options import (
     MountOptions,
     apply_options,
     check_privileges,
@@ -39,9 +39,10 @@ from .mountopts import (
     subcommand,
     subcommands,
 )
-from .mounttab import format_table, list_mounts
-from .registry import cliargs as registry_cli
-from .sources import parse_platform
+from imagefs.errors import ImageFSError, UsageError
+from imagefs.forensics import commands as investigate
+from imagefs.registry import cliargs as registry_cli
+from imagefs.sources import parse_platform
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -49,7 +50,7 @@ EXIT_INTERRUPTED = 130
 
 
 def parse_mount_options(text: str | None) -> MountOptions:
-    """Sort ``-o`` text against the ``mount`` command's options (see imagefs.mountopts)."""
+    """Sort ``-o`` text against the ``mount`` command's options (see imagefs.daemon.options)."""
     return parse_options(text, option_actions(subcommand(_build_parser(), "mount")))
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imagefs.indexer import tree_sources
-from imagefs.loader import scan_layer
-from imagefs.overlay import merge_layers
-from imagefs.packedtree import write_packed_root
 from imagefs.progress import Progress
 from imagefs.sources import open_image
+from imagefs.tree.loader import scan_layer
+from imagefs.tree.overlay import merge_layers
+from imagefs.tree.packed import write_packed_root
+from imagefs.tree.persisted import tree_sources
 
 
 def main() -> int:

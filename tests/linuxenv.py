@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import imagefs
-from imagefs.mounttab import MountEntry, read_mountinfo
+from imagefs.daemon.mounttab import MountEntry, read_mountinfo
 from tests import builder
 
 TEST_USER = "imagefs-test"

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from imagefs.entry import EntryType, TarEntry
-from imagefs.overlay import Change, ChangeKind, merge_layers, merge_steps
-from imagefs.tree import freeze
-from imagefs.views import build_layer_views, clone_tree, layer_tree, lookup_literal, removed_tree
+from imagefs.forensics.views import (
+    build_layer_views,
+    clone_tree,
+    layer_tree,
+    lookup_literal,
+    removed_tree,
+)
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.merged import freeze
+from imagefs.tree.overlay import Change, ChangeKind, merge_layers, merge_steps
 
 F, D, L, H = EntryType.FILE, EntryType.DIRECTORY, EntryType.SYMLINK, EntryType.HARDLINK
 ADD, UPDATE, IMPLY = ChangeKind.ADD, ChangeKind.UPDATE, ChangeKind.IMPLY

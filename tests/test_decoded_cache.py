@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imagefs import layerio_gzip, layerio_zstd
-from imagefs.layerio import set_decoded_cache_limit
+from imagefs.layers import gzip as layerio_gzip
+from imagefs.layers import zstd as layerio_zstd
+from imagefs.layers.reader import set_decoded_cache_limit
 from tests import builder
 from tests.builder import file
 from tests.mounting import mounted, run_imagefs

@@ -12,12 +12,12 @@ import pyfuse3
 import pytest
 import trio
 
-from imagefs.content import ContentReader
-from imagefs.entry import EntryType, TarEntry
+from imagefs.daemon.operations import ImageOperations
 from imagefs.errors import CompressionError
-from imagefs.fs import ImageOperations
-from imagefs.overlay import merge_layers
-from imagefs.tree import freeze
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.content import ContentReader
+from imagefs.tree.merged import freeze
+from imagefs.tree.overlay import merge_layers
 
 LAYER = b"\0" * 512 + b"hello world" + b"\0" * 501 + b"ABCDEFGH"
 

@@ -2,7 +2,7 @@
 
 * The merged tree of random layer stacks equals a small reference model of
   the OCI changeset rules (image-spec layer.md), written here from the spec
-  and not from imagefs.overlay; a few stacks are also unpacked by umoci.
+  and not from imagefs.tree.overlay; a few stacks are also unpacked by umoci.
 * The tar scanner, fed mutated archives, yields entries or raises
   TarFormatError, nothing else.
 * The manifest, index and config parsers, fed arbitrary JSON, return or
@@ -27,12 +27,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imagefs.entry import EntryType, TarEntry
 from imagefs.errors import ImageFSError, TarFormatError
-from imagefs.overlay import Node, _clean_slow, clean_path, merge_layers
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.layers.tarscan import scan_tar
 from imagefs.sources.manifest import parse_config, parse_manifest_or_index
-from imagefs.tarscan import scan_tar
-from imagefs.tree import freeze
+from imagefs.tree.merged import freeze
+from imagefs.tree.overlay import Node, _clean_slow, clean_path, merge_layers
 from tests import builder
 from tests.needs import require_root, require_tools
 from tests.oracle import snapshot, umoci_unpack

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.entry import EntryType, TarEntry
 from imagefs.errors import ImageFSError
-from imagefs.loader import load_image
-from imagefs.overlay import _Merger, merge_layers
+from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.sources import open_image
-from imagefs.tree import freeze
+from imagefs.tree.loader import load_image
+from imagefs.tree.merged import freeze
+from imagefs.tree.overlay import _Merger, merge_layers
 from tests.hostile.corpus import Case, Refused, Served, cases, deep_path
 from tests.mounting import is_mounted, mounted, run_imagefs
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from imagefs.errors import DigestMismatchError
-from imagefs.indexer import load_cached, tree_path
 from imagefs.sources import open_image
+from imagefs.tree.persisted import load_cached, tree_path
 from tests import builder
 from tests.builder import directory, file
 from tests.mounting import IMAGEFS, mounted, run_imagefs

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from imagefs import layerindex
-from imagefs.entry import EntryType, TarEntry
 from imagefs.errors import DigestMismatchError
 from imagefs.image import Image
-from imagefs.loader import scan_layer
+from imagefs.layers import index as layerindex
+from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.progress import Progress
 from imagefs.sources import open_image
+from imagefs.tree.loader import scan_layer
 from tests import builder, images
 from tests.builder import directory, file
 from tests.mounting import IMAGEFS, mounted, run_imagefs

@@ -1,4 +1,4 @@
-"""imagefs.layerio on real compressed tar blobs (no mocks).
+"""imagefs.layers.reader on real compressed tar blobs (no mocks).
 
 One tar of ~16 MiB (random and text files; it compresses about 2.7:1) is
 compressed by Python's gzip, GNU gzip, several concatenated gzip members,
@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from imagefs import layerio_gzip, layerio_zstd
 from imagefs.errors import (
     BlobError,
     CompressionError,
@@ -36,7 +35,9 @@ from imagefs.errors import (
     TarFormatError,
 )
 from imagefs.image import BlobRange, Descriptor, Layer
-from imagefs.layerio import (
+from imagefs.layers import gzip as layerio_gzip
+from imagefs.layers import zstd as layerio_zstd
+from imagefs.layers.reader import (
     Compression,
     LayerData,
     detect_compression,

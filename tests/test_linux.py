@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.mounttab import SYSTEM_RUNTIME_DIR
+from imagefs.daemon.mounttab import SYSTEM_RUNTIME_DIR
 from tests.linuxenv import (
     PrivateMounts,
     User,
@@ -370,7 +370,7 @@ def test_service_template_notifies_and_stops_cleanly(
 
 
 def record_of(mnt: Path) -> Path | None:
-    """The daemon's record (see imagefs.mounttab) for the mount at ``mnt``."""
+    """The daemon's record (see imagefs.daemon.mounttab) for the mount at ``mnt``."""
     for path in SYSTEM_RUNTIME_DIR.glob("*.json"):
         try:
             if json.loads(path.read_text())["mountpoint"] == str(mnt):

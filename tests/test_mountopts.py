@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from imagefs.cli import _build_parser, parse_mount_options
-from imagefs.errors import UsageError
-from imagefs.mount import MountRequest
-from imagefs.mountopts import (
+from imagefs.daemon.mount import MountRequest
+from imagefs.daemon.options import (
     NOT_MOUNT_OPTIONS,
     RW_WARNING,
     apply_options,
@@ -26,6 +25,7 @@ from imagefs.mountopts import (
     subcommands,
     user_allow_other,
 )
+from imagefs.errors import UsageError
 
 
 def mount_parser() -> argparse.ArgumentParser:

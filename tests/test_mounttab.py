@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from imagefs import mounttab
-from imagefs.mounttab import (
+from imagefs.daemon import mounttab
+from imagefs.daemon.mounttab import (
     LiveMount,
     MountRecord,
     format_table,

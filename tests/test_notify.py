@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.logsetup import stderr_handler
-from imagefs.notify import Notifier, relay_status
+from imagefs.daemon.logsetup import stderr_handler
+from imagefs.daemon.notify import Notifier, relay_status
 from tests import builder
 from tests.linuxenv import process_gone, wait_for
 from tests.mounting import IMAGEFS, force_unmount, is_mounted, run_imagefs

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from imagefs.entry import EntryType, TarEntry
-from imagefs.overlay import clean_path, merge_layers
-from imagefs.tree import MergedTree, freeze
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.merged import MergedTree, freeze
+from imagefs.tree.overlay import clean_path, merge_layers
 
 F, D, L, H = EntryType.FILE, EntryType.DIRECTORY, EntryType.SYMLINK, EntryType.HARDLINK
 

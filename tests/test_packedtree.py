@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.entry import EntryType, TarEntry
-from imagefs.overlay import merge_layers
-from imagefs.packedtree import open_packed_tree, write_packed_root, write_packed_tree
-from imagefs.tree import MergedTree, freeze
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.merged import MergedTree, freeze
+from imagefs.tree.overlay import merge_layers
+from imagefs.tree.packed import open_packed_tree, write_packed_root, write_packed_tree
 
 SOURCES = {"layers": ["sha256:aa", "sha256:bb"], "schema": 1}
 

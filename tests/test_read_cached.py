@@ -6,11 +6,11 @@ import os
 import random
 from pathlib import Path
 
-from imagefs.content import ContentReader
-from imagefs.entry import EntryType
 from imagefs.image import BlobRange, Descriptor, Layer
-from imagefs.layerio import open_layer_data
-from imagefs.overlay import Node
+from imagefs.layers.entry import EntryType
+from imagefs.layers.reader import open_layer_data
+from imagefs.tree.content import ContentReader
+from imagefs.tree.overlay import Node
 from tests import builder
 
 MEDIA = "application/vnd.oci.image.layer.v1.tar"

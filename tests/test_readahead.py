@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.mounttab import mount_at
+from imagefs.daemon.mounttab import mount_at
 from tests import builder
 from tests.builder import file
 from tests.mounting import mounted

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.blobstore import BlobStore
+from imagefs.registry.blobstore import BlobStore
 from tests import builder
 from tests.builder import directory, file
 from tests.images import BuiltImage

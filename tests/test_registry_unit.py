@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from imagefs.blobstore import BlobStore
 from imagefs.errors import (
     DigestMismatchError,
     InvalidReferenceError,
@@ -31,6 +30,7 @@ from imagefs.errors import (
 from imagefs.reference import Reference
 from imagefs.registry import is_registry_source, parse_reference
 from imagefs.registry.auth import Credentials, CredentialStore, parse_challenges
+from imagefs.registry.blobstore import BlobStore
 from imagefs.registry.client import Endpoint, RegistryClient, TransportOptions
 from imagefs.registry.config import RegistryOptions, endpoints, with_config_file
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from imagefs import layerindex
 from imagefs.errors import DigestMismatchError
-from imagefs.loader import scan_layers
+from imagefs.layers import index as layerindex
 from imagefs.progress import Progress
 from imagefs.sources import open_image
+from imagefs.tree.loader import scan_layers
 from tests import builder, images
 from tests.builder import file
 from tests.mounting import IMAGEFS, force_unmount, is_mounted

@@ -1,4 +1,4 @@
-"""imagefs.tarscan: our streaming tar header parser.
+"""imagefs.layers.tarscan: our streaming tar header parser.
 
 Three sources of archives, each checked against an independent reader:
 
@@ -30,9 +30,9 @@ from typing import BinaryIO
 
 import pytest
 
-from imagefs.entry import EntryType, TarEntry
 from imagefs.errors import TarFormatError
-from imagefs.tarscan import _new_entry, scan_tar
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.layers.tarscan import _new_entry, scan_tar
 from tests.needs import require_tools
 from tests.tarcraft import (
     BLOCK,

@@ -145,7 +145,7 @@ def check_layer_views(image: BuiltImage, mnt: Path) -> int:
         lines.pop("", None)  # the layer's "./" entry is the view itself
         for path, line in lines.items():
             if _below_non_directory(path, lines):
-                continue  # cannot be shown (imagefs.views.layer_tree); tar -tvf has it
+                continue  # cannot be shown (imagefs.forensics.views.layer_tree); tar -tvf has it
             assert path in listed, f"layer {index}: {path} missing from {view}"
             st = listed[path]
             kind = line.mode[0]

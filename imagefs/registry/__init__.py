@@ -13,17 +13,17 @@ Modules: ``auth`` (credentials,
 challenges), ``client`` (distribution API v2 on requests), ``config``
 (options, mirrors, the registries config file), ``pull`` (resolution and
 streaming layer downloads), ``cache`` (``imagefs cache``). Blobs land in
-:mod:`imagefs.blobstore`; references are parsed by :mod:`imagefs.reference`,
+:mod:`imagefs.registry.blobstore`; references are parsed by :mod:`imagefs.reference`,
 which the local sources share for matching names inside archives.
 """
 
 from __future__ import annotations
 
-from ..reference import PREFIX, Reference, parse_reference
-from ..sources import is_local_source
-from .auth import Credentials
-from .cache import list_cache, prune_cache
-from .config import RegistryOptions
+from imagefs.reference import PREFIX, Reference, parse_reference
+from imagefs.registry.auth import Credentials
+from imagefs.registry.cache import list_cache, prune_cache
+from imagefs.registry.config import RegistryOptions
+from imagefs.sources import is_local_source
 
 __all__ = [
     "Credentials",
@@ -52,7 +52,7 @@ _LAZY = {"DownloadProgress", "open_registry_image", "pull"}
 
 def __getattr__(name: str) -> object:
     if name in _LAZY:
-        from . import pull as pull_module  # noqa: PLC0415 - deliberately lazy
+        from imagefs.registry import pull as pull_module  # noqa: PLC0415 - deliberately lazy
 
         return getattr(pull_module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryAuthError, UsageError
-from ..reference import DOCKER_HUB
+from imagefs.errors import RegistryAuthError, UsageError
+from imagefs.reference import DOCKER_HUB
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..blobstore import BlobStore, PruneResult, TagEntry
-from ..errors import ImageFSError
-from ..sources.manifest import MAX_INDEX_DEPTH, ImageIndex, parse_manifest_or_index
+from imagefs.errors import ImageFSError
+from imagefs.registry.blobstore import BlobStore, PruneResult, TagEntry
+from imagefs.sources.manifest import MAX_INDEX_DEPTH, ImageIndex, parse_manifest_or_index
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,16 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..blobstore import BlobStore
-from ..cachedir import default_cache_dir, ensure_cache_dir
-from ..errors import UsageError
-from ..progress import human_bytes
-from ..reference import parse_reference
-from ..sources import parse_platform
-from . import is_registry_source
-from .auth import Credentials
-from .cache import list_cache, prune_cache
-from .config import RegistryOptions
+from imagefs.cachedir import default_cache_dir, ensure_cache_dir
+from imagefs.errors import UsageError
+from imagefs.progress import human_bytes
+from imagefs.reference import parse_reference
+from imagefs.registry import is_registry_source
+from imagefs.registry.auth import Credentials
+from imagefs.registry.blobstore import BlobStore
+from imagefs.registry.cache import list_cache, prune_cache
+from imagefs.registry.config import RegistryOptions
+from imagefs.sources import parse_platform
 
 
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +115,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run_pull(args: argparse.Namespace) -> None:
-    from .pull import DownloadProgress, pull  # noqa: PLC0415 - requests only when pulling
+    from imagefs.registry.pull import DownloadProgress, pull  # noqa: PLC0415 - requests only when pulling
 
     options = registry_options(args, args.reference)
     cache_dir = ensure_cache_dir(args.cache_dir or default_cache_dir())

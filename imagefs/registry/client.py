@@ -44,9 +44,8 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from .. import __version__
-from ..blobstore import BlobDownload
-from ..errors import (
+from imagefs import __version__
+from imagefs.errors import (
     DigestMismatchError,
     ManifestError,
     RateLimitError,
@@ -56,15 +55,16 @@ from ..errors import (
     RegistryNotFoundError,
     RegistryUnavailableError,
 )
-from ..sources.manifest import (
+from imagefs.registry.auth import Challenge, Credentials, CredentialStore, parse_challenges
+from imagefs.registry.blobstore import BlobDownload
+from imagefs.sources.manifest import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     DOCKER_SCHEMA1,
     OCI_INDEX,
     OCI_MANIFEST,
 )
-from ..sources.store import MAX_JSON_SIZE
-from .auth import Challenge, Credentials, CredentialStore, parse_challenges
+from imagefs.sources.store import MAX_JSON_SIZE
 
 log = logging.getLogger(__name__)
 

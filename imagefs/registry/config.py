@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from ..errors import UsageError
-from ..reference import DOCKER_HUB, DOCKER_HUB_API, Reference
-from .auth import Credentials
+from imagefs.errors import UsageError
+from imagefs.reference import DOCKER_HUB, DOCKER_HUB_API, Reference
+from imagefs.registry.auth import Credentials
 
 if TYPE_CHECKING:  # the client pulls in requests: only load it to talk to a registry
-    from .client import Endpoint
+    from imagefs.registry.client import Endpoint
 
 CONFIG_ENV = "IMAGEFS_REGISTRIES_CONFIG"
 SYSTEM_CONFIG = Path("/etc/imagefs/registries.json")
@@ -125,7 +125,7 @@ def with_config_file(options: RegistryOptions) -> RegistryOptions:
 
 def endpoints(ref: Reference, options: RegistryOptions) -> list[Endpoint]:
     """Mirrors first (in order), the upstream registry last."""
-    from .client import Endpoint  # noqa: PLC0415 - see the TYPE_CHECKING import
+    from imagefs.registry.client import Endpoint  # noqa: PLC0415 - see the TYPE_CHECKING import
 
     found = []
     for url in options.mirrors_for(ref.domain):

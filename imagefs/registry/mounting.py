@@ -16,14 +16,14 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..errors import DigestMismatchError, ImageFSError
-from ..image import Image, Platform
-from ..indexer import load_cached, tree_path, tree_sources
-from ..loader import LoadedImage, load_image
-from ..packedtree import write_packed_tree
-from ..progress import Progress
-from .config import RegistryOptions
-from .pull import open_registry_image, without_feeds
+from imagefs.errors import DigestMismatchError, ImageFSError
+from imagefs.image import Image, Platform
+from imagefs.progress import Progress
+from imagefs.registry.config import RegistryOptions
+from imagefs.registry.pull import open_registry_image, without_feeds
+from imagefs.tree.loader import LoadedImage, load_image
+from imagefs.tree.packed import write_packed_tree
+from imagefs.tree.persisted import load_cached, tree_path, tree_sources
 
 log = logging.getLogger(__name__)
 

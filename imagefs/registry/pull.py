@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from ..blobstore import BlobDownload, BlobStore, DownloadCancelledError
-from ..errors import (
+from imagefs.errors import (
     BlobError,
     DigestMismatchError,
     ImageFSError,
@@ -32,10 +31,14 @@ from ..errors import (
     NotCachedError,
     RegistryError,
 )
-from ..image import BlobRange, Descriptor, Image, Layer, Platform
-from ..progress import human_bytes
-from ..reference import Reference, parse_reference
-from ..sources.manifest import (
+from imagefs.image import BlobRange, Descriptor, Image, Layer, Platform
+from imagefs.progress import human_bytes
+from imagefs.reference import Reference, parse_reference
+from imagefs.registry.auth import CredentialStore
+from imagefs.registry.blobstore import BlobDownload, BlobStore, DownloadCancelledError
+from imagefs.registry.client import Endpoint, RegistryClient, TransportOptions
+from imagefs.registry.config import RegistryOptions, endpoints, http_mirror_hosts, with_config_file
+from imagefs.sources.manifest import (
     MAX_INDEX_DEPTH,
     ImageIndex,
     ImageManifest,
@@ -43,10 +46,7 @@ from ..sources.manifest import (
     parse_manifest_or_index,
     select_platform,
 )
-from ..sources.platform import host_platform
-from .auth import CredentialStore
-from .client import Endpoint, RegistryClient, TransportOptions
-from .config import RegistryOptions, endpoints, http_mirror_hosts, with_config_file
+from imagefs.sources.platform import host_platform
 
 log = logging.getLogger(__name__)
 

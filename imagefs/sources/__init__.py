@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 import stat
 
-from ..errors import SourceError, SourceNotFoundError, UsageError
-from ..image import Image, Platform
-from .dockerarchive import MANIFEST_JSON, open_docker_archive
-from .ocilayout import INDEX_FILE, LAYOUT_FILE, open_layout
-from .platform import host_platform, parse_platform
-from .spec import is_local_source, parse_source
-from .store import DirStore, TarStore
-from .tarmembers import TarMembers
+from imagefs.errors import SourceError, SourceNotFoundError, UsageError
+from imagefs.image import Image, Platform
+from imagefs.sources.dockerarchive import MANIFEST_JSON, open_docker_archive
+from imagefs.sources.ocilayout import INDEX_FILE, LAYOUT_FILE, open_layout
+from imagefs.sources.platform import host_platform, parse_platform
+from imagefs.sources.spec import is_local_source, parse_source
+from imagefs.sources.store import DirStore, TarStore
+from imagefs.sources.tarmembers import TarMembers
 
 __all__ = ["host_platform", "is_local_source", "open_image", "parse_platform"]
 

@@ -25,15 +25,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import (
+from imagefs.errors import (
     BlobMissingError,
     ManifestError,
     PlatformError,
     SourceError,
     SourceNotFoundError,
 )
-from ..image import Descriptor, Image, Layer, Platform
-from .manifest import (
+from imagefs.image import Descriptor, Image, Layer, Platform
+from imagefs.sources.manifest import (
     DOCKER_LAYER_TAR,
     blob_name,
     compute_digest,
@@ -44,8 +44,8 @@ from .manifest import (
     parse_digest,
     verify_digest,
 )
-from .names import names_match
-from .ocilayout import (
+from imagefs.sources.names import names_match
+from imagefs.sources.ocilayout import (
     INDEX_FILE,
     build_image,
     entry_names,
@@ -54,8 +54,8 @@ from .ocilayout import (
     read_layout_index,
     resolve_manifest,
 )
-from .platform import match_rank
-from .store import Store, read_file
+from imagefs.sources.platform import match_rank
+from imagefs.sources.store import Store, read_file
 
 MANIFEST_JSON = "manifest.json"
 

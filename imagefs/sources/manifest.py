@@ -15,16 +15,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import (
+from imagefs.errors import (
     BlobMissingError,
     DigestMismatchError,
     ManifestError,
     MediaTypeError,
     PlatformError,
 )
-from ..image import BlobRange, Descriptor, Platform
-from .platform import match_rank
-from .store import MAX_JSON_SIZE, Store, read_range
+from imagefs.image import BlobRange, Descriptor, Platform
+from imagefs.sources.platform import match_rank
+from imagefs.sources.store import MAX_JSON_SIZE, Store, read_range
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

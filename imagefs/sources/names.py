@@ -9,8 +9,8 @@ Matching compares the fully qualified forms, as
 
 from __future__ import annotations
 
-from ..errors import InvalidReferenceError
-from ..reference import parse_reference
+from imagefs.errors import InvalidReferenceError
+from imagefs.reference import parse_reference
 
 
 def normalize_name(ref: str) -> str | None:

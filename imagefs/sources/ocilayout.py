@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections import deque
 
-from ..errors import (
+from imagefs.errors import (
     ManifestError,
     SourceError,
     SourceNotFoundError,
 )
-from ..image import Descriptor, Image, Layer, Platform
-from .manifest import (
+from imagefs.image import Descriptor, Image, Layer, Platform
+from imagefs.sources.manifest import (
     CONTAINERD_NAME,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -38,8 +38,8 @@ from .manifest import (
     read_blob,
     select_platform,
 )
-from .names import names_match
-from .store import Store, read_file
+from imagefs.sources.names import names_match
+from imagefs.sources.store import Store, read_file
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"

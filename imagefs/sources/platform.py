@@ -14,8 +14,8 @@ import platform as _pyplatform
 import re
 import sys
 
-from ..errors import UsageError
-from ..image import Platform
+from imagefs.errors import UsageError
+from imagefs.image import Platform
 
 # One path component of a platform string: what containerd's parser accepts.
 _COMPONENT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")

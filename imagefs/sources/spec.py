@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from imagefs.errors import UsageError
 
 TRANSPORTS = ("oci", "oci-archive", "docker-archive")
 

@@ -12,9 +12,9 @@ import os
 import stat
 from typing import Protocol
 
-from ..errors import BlobError, ImageFSError, ManifestError
-from ..image import BlobRange
-from .tarmembers import TarMembers
+from imagefs.errors import BlobError, ImageFSError, ManifestError
+from imagefs.image import BlobRange
+from imagefs.sources.tarmembers import TarMembers
 
 # Manifests, indexes, configs and manifest.json above this size are refused:
 # real ones are kilobytes, and a hostile one should not exhaust memory.

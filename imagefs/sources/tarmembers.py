@@ -15,7 +15,7 @@ import tarfile
 from collections import deque
 from dataclasses import dataclass
 
-from ..errors import SourceError
+from imagefs.errors import SourceError
 
 # Linux's limit on symlinks followed in one lookup (MAXSYMLINKS).
 MAX_LINK_HOPS = 40

@@ -1,6 +1,6 @@
 """A content-addressed cache of registry blobs (manifests, configs, layers) and tags.
 
-Layout under the cache directory (the same one :mod:`imagefs.layerio` keeps
+Layout under the cache directory (the same one :mod:`imagefs.layers.reader` keeps
 its gzip indexes and zstd seek files in)::
 
     blobs/sha256/<hex>                 a blob, named by its digest, complete and verified
@@ -33,8 +33,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BlobError, DigestMismatchError, ImageFSError
-from .packedtree import tree_layers
+from imagefs.errors import BlobError, DigestMismatchError, ImageFSError
+from imagefs.tree.packed import tree_layers
 
 log = logging.getLogger(__name__)
 

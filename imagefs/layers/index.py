@@ -36,9 +36,9 @@ from typing import Any
 
 import zstandard
 
-from .entry import EntryType, TarEntry
-from .image import Layer
-from .layerio_base import AtomicFile, DigestCheck, cache_path, check_blob, digest_check
+from imagefs.image import Layer
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.layers.plumbing import AtomicFile, DigestCheck, cache_path, check_blob, digest_check
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Plumbing shared by the :mod:`imagefs.layerio` readers.
+"""Plumbing shared by the :mod:`imagefs.layers.reader` readers.
 
 Blob byte ranges as files, digest checking in a background thread, and cache
 file naming and atomic replacement. Nothing here knows about compression.
@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
-from .errors import BlobError, CompressionError, DigestMismatchError, ImageFSError
-from .image import BlobFeed, Layer
+from imagefs.errors import BlobError, CompressionError, DigestMismatchError, ImageFSError
+from imagefs.image import BlobFeed, Layer
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -121,7 +121,7 @@ class BlobHasher:
 
     With a ``gate``, hashing waits for a slot: that is how the digests of
     plain layers are checked ahead of their scan, a few at a time
-    (:func:`imagefs.layerio.check_digests_ahead`).
+    (:func:`imagefs.layers.reader.check_digests_ahead`).
     """
 
     def __init__(

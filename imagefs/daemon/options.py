@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from imagefs.errors import UsageError
 
 # FUSE mount flags passed on to the kernel when asked for.
 PASSED_FLAGS = frozenset({"noexec"})

@@ -11,9 +11,9 @@ signalled. With ``--foreground`` there is no fork.
 
 SIGTERM, SIGINT and SIGHUP end the FUSE main loop and unmount cleanly; an
 unmount from outside (``imagefs umount``, ``fusermount3 -u``) ends it too.
-Under systemd the lifecycle is reported with sd_notify (``imagefs.notify``:
+Under systemd the lifecycle is reported with sd_notify (``imagefs.daemon.notify``:
 status while loading, ``READY=1`` once mounted, ``STOPPING=1``), and each
-mount leaves a record for ``imagefs mounts`` (``imagefs.mounttab``).
+mount leaves a record for ``imagefs mounts`` (``imagefs.daemon.mounttab``).
 """
 
 from __future__ import annotations
@@ -35,20 +35,20 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .cachedir import default_cache_dir, ensure_cache_dir
-from .errors import ImageFSError, MountError, UsageError
-from .fs import ImageOperations
-from .image import Platform
-from .indexer import load_cached
-from .investigate import load_for_mount
-from .layerio import set_decoded_cache_limit
-from .loader import load_image
-from .logsetup import stderr_handler
-from .mounttab import forget, mount_at, remove_record, write_record
-from .notify import Notifier, NotifyingProgress, StatusReporter, relay_status
-from .provenance import Provenance
-from .registry import RegistryOptions, is_registry_source
-from .sources import open_image
+from imagefs.cachedir import default_cache_dir, ensure_cache_dir
+from imagefs.daemon.logsetup import stderr_handler
+from imagefs.daemon.mounttab import forget, mount_at, remove_record, write_record
+from imagefs.daemon.notify import Notifier, NotifyingProgress, StatusReporter, relay_status
+from imagefs.daemon.operations import ImageOperations
+from imagefs.errors import ImageFSError, MountError, UsageError
+from imagefs.forensics.commands import load_for_mount
+from imagefs.forensics.provenance import Provenance
+from imagefs.image import Platform
+from imagefs.layers.reader import set_decoded_cache_limit
+from imagefs.registry import RegistryOptions, is_registry_source
+from imagefs.sources import open_image
+from imagefs.tree.loader import load_image
+from imagefs.tree.persisted import load_cached
 
 log = logging.getLogger("imagefs")
 
@@ -88,7 +88,7 @@ class MountRequest:
     read_all: bool = False
     unsafe_suid: bool = False
     unsafe_dev: bool = False
-    # Investigation (imagefs.views): --layers serves every view of the image,
+    # Investigation (imagefs.forensics.views): --layers serves every view of the image,
     # --upto N the file system as it stood after layer N.
     layers: bool = False
     upto: int | None = None
@@ -254,7 +254,7 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
             image = loaded.image
         elif is_registry_source(request.source):
             # Network work happens here, in the daemon child, after the fork.
-            from .registry.mounting import load_registry_image  # noqa: PLC0415 - requests
+            from imagefs.registry.mounting import load_registry_image  # noqa: PLC0415 - requests
 
             image, loaded = load_registry_image(
                 request.source,

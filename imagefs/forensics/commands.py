@@ -16,19 +16,28 @@ from collections.abc import Callable, Iterable
 from contextlib import closing
 from pathlib import Path
 
-from .cachedir import default_cache_dir, ensure_cache_dir
-from .diff import NEW, OLD, Side, diff_json, diff_sides, difference_line, layer_keys, states_builder
-from .errors import SourceNotFoundError, UsageError
-from .image import Image, Platform
-from .indexer import load_cached
-from .inspect import inspect_image, report_json, report_text
-from .loader import LoadedImage, load_image, scan_layer
-from .progress import Progress
-from .provenance import trace_json, trace_path, trace_text
-from .registry import RegistryOptions, is_registry_source
-from .registry.cliargs import add_registry_arguments, registry_options
-from .sources import open_image, parse_platform
-from .views import build_layer_views, upto_image
+from imagefs.cachedir import default_cache_dir, ensure_cache_dir
+from imagefs.errors import SourceNotFoundError, UsageError
+from imagefs.forensics.diff import (
+    NEW,
+    OLD,
+    Side,
+    diff_json,
+    diff_sides,
+    difference_line,
+    layer_keys,
+    states_builder,
+)
+from imagefs.forensics.inspect import inspect_image, report_json, report_text
+from imagefs.forensics.provenance import trace_json, trace_path, trace_text
+from imagefs.forensics.views import build_layer_views, upto_image
+from imagefs.image import Image, Platform
+from imagefs.progress import Progress
+from imagefs.registry import RegistryOptions, is_registry_source
+from imagefs.registry.cliargs import add_registry_arguments, registry_options
+from imagefs.sources import open_image, parse_platform
+from imagefs.tree.loader import LoadedImage, load_image, scan_layer
+from imagefs.tree.persisted import load_cached
 
 COMMANDS = ("inspect", "which", "diff")
 
@@ -49,7 +58,7 @@ def open_any_image(
     if is_registry_source(source):
         if image is not None:
             raise UsageError(f"{source}: --image selects within a tar, not a registry reference")
-        from .registry.pull import pull  # noqa: PLC0415 - requests only for registries
+        from imagefs.registry.pull import pull  # noqa: PLC0415 - requests only for registries
 
         # pull() returns once every blob is complete in the cache, as plain
         # cache-file ranges.

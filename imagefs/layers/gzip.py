@@ -5,7 +5,7 @@ boundaries speculatively). On the way it records a checkpoint (bit offset
 and 32 KiB window) about every GZIP_CHUNK_SIZE of output. After the pass
 the index is exported in gztool format (windows compressed, ~2.3 KB per
 checkpoint) and cached. A fresh single-threaded reader imports it for
-random access. See :mod:`imagefs.layerio` for the measurements behind the
+random access. See :mod:`imagefs.layers.reader` for the measurements behind the
 chunk size and thread counts.
 
 rapidgzip quirks handled here: it reports a truncated stream only on
@@ -31,9 +31,9 @@ from typing import Any
 
 import rapidgzip
 
-from .errors import BlobError, CompressionError, ImageFSError
-from .image import Layer
-from .layerio_base import BufferedStream, RangeFile, atomic_write
+from imagefs.errors import BlobError, CompressionError, ImageFSError
+from imagefs.image import Layer
+from imagefs.layers.plumbing import BufferedStream, RangeFile, atomic_write
 
 __all__ = [
     "GZIP_CHUNK_SIZE",
@@ -48,7 +48,7 @@ __all__ = [
 # then has a checkpoint every ~chunk size of *uncompressed* data (median
 # 1.07 MB, max 3.4 MB at 1 MiB), which is what one random read decodes.
 # 1 MiB: pass 4.2 s, random 4 KiB read median 1.6 ms; 4 MiB: pass ~3.3 s
-# but ~6 ms per read (see imagefs.layerio for the whole table).
+# but ~6 ms per read (see imagefs.layers.reader for the whole table).
 GZIP_CHUNK_SIZE = 1 << 20
 
 # How many random-access rapidgzip readers stay open at once, over all

@@ -24,14 +24,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from .cachedir import build_lock
-from .errors import ImageFSError
-from .image import Image
-from .layerindex import blob_identity
-from .loader import LoadedImage, scan_layers, with_readers
-from .overlay import merge_layers
-from .packedtree import PackedTree, open_packed_tree, write_packed_root
-from .progress import Progress
+from imagefs.cachedir import build_lock
+from imagefs.errors import ImageFSError
+from imagefs.image import Image
+from imagefs.layers.index import blob_identity
+from imagefs.progress import Progress
+from imagefs.tree.loader import LoadedImage, scan_layers, with_readers
+from imagefs.tree.overlay import merge_layers
+from imagefs.tree.packed import PackedTree, open_packed_tree, write_packed_root
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Reads the image without mounting it: the manifest and config, then one
 verified pass over each layer's tar headers (the same pass a mount makes) to
 count its entries and whiteouts and measure its uncompressed size. The
-config's history is aligned with the layers (:mod:`imagefs.history`), so
+config's history is aligned with the layers (:mod:`imagefs.forensics.history`), so
 each build step shows the layer it made.
 """
 
@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import ImageFSError
-from .history import HistoryEntry, image_history
-from .image import Image, Layer
-from .layerio import Compression, detect_compression, open_layer_stream
-from .loader import short_digest
-from .overlay import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
-from .progress import Progress
+from imagefs.errors import ImageFSError
+from imagefs.forensics.history import HistoryEntry, image_history
+from imagefs.image import Image, Layer
+from imagefs.layers.reader import Compression, detect_compression, open_layer_stream
+from imagefs.progress import Progress
+from imagefs.tree.loader import short_digest
+from imagefs.tree.overlay import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
 
 _PROGRESS_EVERY = 512
 
@@ -45,7 +45,7 @@ def scan_layer_stats(
     """Count one layer's entries in one verified pass (blocking)."""
     # The scanner compiles its header patterns at import (~30 ms); a mount
     # served from the persisted tree never scans, so load it on first use.
-    from .tarscan import scan_tar  # noqa: PLC0415
+    from imagefs.layers.tarscan import scan_tar  # noqa: PLC0415
 
     name = short_digest(layer.descriptor.digest)
     compression = detect_compression(layer)

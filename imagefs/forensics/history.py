@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .image import Image
+from imagefs.image import Image
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The merged tree as the file system serves it: inode numbers, names, links.
 
-:func:`freeze` turns the root :class:`~imagefs.overlay.Node` built by the
+:func:`freeze` turns the root :class:`~imagefs.tree.overlay.Node` built by the
 overlay merge into a :class:`MergedTree` with stable inode numbers (depth
 first, children in byte order of their names, so the same image always gets
 the same numbers), per-directory name tables for ``lookup`` and sorted entry
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .entry import EntryType
-from .overlay import Node
+from imagefs.layers.entry import EntryType
+from imagefs.tree.overlay import Node
 
 ROOT_INO = 1  # FUSE_ROOT_ID
 

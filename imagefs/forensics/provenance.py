@@ -30,11 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .entry import EntryType, TarEntry
-from .errors import UsageError
-from .history import image_history
-from .image import Image
-from .overlay import (
+from imagefs.errors import UsageError
+from imagefs.forensics.history import image_history
+from imagefs.forensics.views import lookup_literal
+from imagefs.image import Image
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.overlay import (
     MAX_SYMLINK_HOPS,
     REMOVALS,
     ROOT_LAYER,
@@ -44,7 +45,6 @@ from .overlay import (
     clean_path,
     merge_layers,
 )
-from .views import lookup_literal
 
 XATTR_PREFIX = "user.imagefs."
 LAYER_XATTR = "user.imagefs.layer"

@@ -24,11 +24,11 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from .content import ContentReader
-from .entry import EntryType
-from .errors import ImageFSError
-from .provenance import Provenance
-from .tree import Inode, MergedTree, Stat, stat_of
+from imagefs.errors import ImageFSError
+from imagefs.forensics.provenance import Provenance
+from imagefs.layers.entry import EntryType
+from imagefs.tree.content import ContentReader
+from imagefs.tree.merged import Inode, MergedTree, Stat, stat_of
 
 log = logging.getLogger(__name__)
 

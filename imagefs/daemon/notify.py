@@ -30,7 +30,7 @@ import os
 import socket
 from typing import BinaryIO
 
-from .progress import Progress, ProgressTask
+from imagefs.progress import Progress, ProgressTask
 
 log = logging.getLogger("imagefs")
 

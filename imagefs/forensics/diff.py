@@ -6,7 +6,7 @@ mount; nothing is extracted. Per path the comparison covers type, mode
 symlink target, device numbers and xattrs. Times are left out on purpose: a
 rebuild changes every mtime and says nothing about content.
 
-Content is hashed from the layer data (:class:`~imagefs.content.ContentReader`)
+Content is hashed from the layer data (:class:`~imagefs.tree.content.ContentReader`)
 only where it must be: two files whose data is the same byte range of the
 same uncompressed layer (same diff_id, same offset) are equal without
 reading, which is what makes comparing two builds on a shared base cheap.
@@ -23,13 +23,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .content import ContentReader
-from .entry import EntryType, TarEntry
-from .image import Image
-from .overlay import ROOT_LAYER, Node, Warn, implied_directory, merge_steps, new_directory
-from .provenance import node_json
-from .tree import ROOT_INO, Inode, MergedTree
-from .views import SYNTHETIC_DIR_MODE, clone_tree
+from imagefs.forensics.provenance import node_json
+from imagefs.forensics.views import SYNTHETIC_DIR_MODE, clone_tree
+from imagefs.image import Image
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.content import ContentReader
+from imagefs.tree.merged import ROOT_INO, Inode, MergedTree
+from imagefs.tree.overlay import (
+    ROOT_LAYER,
+    Node,
+    Warn,
+    implied_directory,
+    merge_steps,
+    new_directory,
+)
 
 _CHUNK = 1 << 20
 OLD, NEW = "old", "new"

@@ -2,7 +2,7 @@
 
 Nothing is extracted: a regular file is a byte range of its layer's
 uncompressed stream (``Node.data_offset``), read through the layer's
-:class:`~imagefs.layerio.LayerData`. Blocking: every read may decompress, so
+:class:`~imagefs.layers.reader.LayerData`. Blocking: every read may decompress, so
 callers on an event loop run it in a worker thread.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .errors import LayerError
-from .layerio import LayerData
-from .overlay import Node
+from imagefs.errors import LayerError
+from imagefs.layers.reader import LayerData
+from imagefs.tree.overlay import Node
 
 
 class ContentReader:

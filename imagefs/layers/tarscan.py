@@ -2,7 +2,7 @@
 
 One pass over the uncompressed layer stream reads the 512-byte headers (and
 the few extension payloads), skips every member's data with
-``LayerStream.skip`` and yields :class:`~imagefs.entry.TarEntry` records that
+``LayerStream.skip`` and yields :class:`~imagefs.layers.entry.TarEntry` records that
 say where each member's data lies. Nothing is retained between members except
 pending extension headers, so memory does not grow with the archive.
 
@@ -25,7 +25,7 @@ Formats understood (POSIX.1-2008 "pax" for ustar/pax, the GNU tar manual's
   and 1.0 (``GNU.sparse.*``). Other keywords (``atime``, ``comment``,
   ``hdrcharset``...) are ignored.
 
-Typeflags map to :class:`~imagefs.entry.EntryType`: ``0``, ``\\0``, ``7``
+Typeflags map to :class:`~imagefs.layers.entry.EntryType`: ``0``, ``\\0``, ``7``
 (contiguous) and unknown ones are files (POSIX: "any unrecognized typeflag
 value shall be treated as a regular file", with a warning here), ``1``
 hardlink, ``2`` symlink, ``3``/``4`` character/block device, ``5`` and GNU
@@ -78,11 +78,11 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote_to_bytes
 
-from .entry import EntryType, TarEntry
-from .errors import TarFormatError
+from imagefs.errors import TarFormatError
+from imagefs.layers.entry import EntryType, TarEntry
 
 if TYPE_CHECKING:
-    from .layerio import LayerStream
+    from imagefs.layers.reader import LayerStream
 
 __all__ = ["scan_tar"]
 

@@ -32,9 +32,9 @@ is a copy of the tree's directories and nodes, so ``--layers`` holds about
 (number of layers + 1) times the nodes of a plain mount.
 
 Building a view needs no FUSE: :func:`build_layer_views` returns one
-:class:`~imagefs.overlay.Node` tree that :func:`~imagefs.tree.freeze` numbers
+:class:`~imagefs.tree.overlay.Node` tree that :func:`~imagefs.tree.merged.freeze` numbers
 like any other; file nodes keep their layer index and data offset, so
-:class:`~imagefs.content.ContentReader` reads them unchanged.
+:class:`~imagefs.tree.content.ContentReader` reads them unchanged.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
-from .entry import EntryType, TarEntry
-from .errors import UsageError
-from .image import Image
-from .overlay import (
+from imagefs.errors import UsageError
+from imagefs.image import Image
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.overlay import (
     REMOVALS,
     ROOT_LAYER,
     Change,

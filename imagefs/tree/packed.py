@@ -31,9 +31,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
-from .entry import EntryType
-from .overlay import Node
-from .tree import ROOT_INO, Inode, MergedTree, Stat
+from imagefs.layers.entry import EntryType
+from imagefs.tree.merged import ROOT_INO, Inode, MergedTree, Stat
+from imagefs.tree.overlay import Node
 
 MAGIC = b"IMGFSTRE"
 FORMAT_VERSION = 1

@@ -40,9 +40,9 @@ from typing import IO, cast
 
 import zstandard
 
-from .errors import BlobError, CompressionError, ImageFSError
-from .image import Layer
-from .layerio_base import AtomicFile, BufferedStream, InUse, pread_exact
+from imagefs.errors import BlobError, CompressionError, ImageFSError
+from imagefs.image import Layer
+from imagefs.layers.plumbing import AtomicFile, BufferedStream, InUse, pread_exact
 
 __all__ = [
     "IN_PLACE_MAX",

@@ -100,9 +100,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import BlobError, BlobMissingError, DigestMismatchError, LayerError, MediaTypeError
-from .image import Layer
-from .layerio_base import (
+from imagefs.errors import (
+    BlobError,
+    BlobMissingError,
+    DigestMismatchError,
+    LayerError,
+    MediaTypeError,
+)
+from imagefs.image import Layer
+from imagefs.layers.gzip import (
+    GzipLayerData,
+    GzipStream,
+    load_index,
+    save_index,
+    set_open_reader_limit,
+)
+from imagefs.layers.plumbing import (
     DigestCheck,
     InUse,
     cache_path,
@@ -111,14 +124,7 @@ from .layerio_base import (
     digest_check,
     pread_exact,
 )
-from .layerio_gzip import (
-    GzipLayerData,
-    GzipStream,
-    load_index,
-    save_index,
-    set_open_reader_limit,
-)
-from .layerio_zstd import SeekableBuilder, ZstdLayerData, ZstdStream, set_frame_cache_bytes
+from imagefs.layers.zstd import SeekableBuilder, ZstdLayerData, ZstdStream, set_frame_cache_bytes
 
 __all__ = [
     "Compression",

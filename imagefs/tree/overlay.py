@@ -36,7 +36,7 @@ per effect, at the path as resolved in the tree): what was added, and what
 was removed (by a whiteout, an opaque marker, or a newer entry taking the
 path). Removed nodes are detached and never changed again, so an observer may
 keep them: that is how deleted and overwritten files stay reachable
-(:mod:`imagefs.views`), and how ``imagefs which`` tells a path's history.
+(:mod:`imagefs.forensics.views`), and how ``imagefs which`` tells a path's history.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .entry import EntryType, TarEntry
+from imagefs.layers.entry import EntryType, TarEntry
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -470,7 +470,7 @@ def merge_steps(
     """Like :func:`merge_layers`, yielding the root after each layer.
 
     The same root is yielded each time and changed in place by the next
-    layer: copy what must outlive a step (:func:`imagefs.views.clone_tree`).
+    layer: copy what must outlive a step (:func:`imagefs.forensics.views.clone_tree`).
     """
     merger = _Merger(warn, on_change)
     for index, entries in enumerate(layers):

@@ -16,13 +16,13 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import layerindex
-from .cachedir import build_lock
-from .content import ContentReader
-from .entry import TarEntry
-from .errors import ImageFSError
-from .image import Image, Layer
-from .layerio import (
+from imagefs.cachedir import build_lock
+from imagefs.errors import ImageFSError
+from imagefs.image import Image, Layer
+from imagefs.layers import index as layerindex
+from imagefs.layers.entry import TarEntry
+from imagefs.layers.plumbing import DigestCheck
+from imagefs.layers.reader import (
     Compression,
     LayerData,
     check_digests_ahead,
@@ -31,17 +31,17 @@ from .layerio import (
     open_layer_stream,
     random_access_cached,
 )
-from .layerio_base import DigestCheck
-from .overlay import Node, merge_layers
-from .progress import Progress
-from .tree import MergedTree, freeze
+from imagefs.progress import Progress
+from imagefs.tree.content import ContentReader
+from imagefs.tree.merged import MergedTree, freeze
+from imagefs.tree.overlay import Node, merge_layers
 
 log = logging.getLogger(__name__)
 
 _PROGRESS_EVERY = 512  # entries between progress updates
 
 # Makes the tree to serve from the scanned layers (base first); the default is
-# the merged root file system, imagefs.views makes the --layers tree.
+# the merged root file system, imagefs.forensics.views makes the --layers tree.
 TreeBuilder = Callable[[Sequence[Sequence[TarEntry]], Callable[[str], None]], Node]
 
 
@@ -77,14 +77,14 @@ def scan_layer(
     """Index one layer's tar headers, verifying its digest (blocking).
 
     With ``cache_dir``, a layer indexed before (by any image) is loaded from
-    its cached index instead (see :mod:`imagefs.layerindex`), and a layer
+    its cached index instead (see :mod:`imagefs.layers.index`), and a layer
     scanned now is cached for the next image that shares it. ``hasher``:
     the layer's digest check, if started ahead (layerio.check_digests_ahead).
     ``stop``: set when another layer failed; the scan then gives up early.
     """
     # The scanner compiles its header patterns at import (~30 ms); a mount
     # served from the persisted tree never scans, so load it on first use.
-    from .tarscan import scan_tar  # noqa: PLC0415
+    from imagefs.layers.tarscan import scan_tar  # noqa: PLC0415
 
     name = short_digest(layer.descriptor.digest)
     task = progress.start(f"layer {index + 1}/{count} {name}")
