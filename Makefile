@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap test lint typecheck pytest fuzz demo bench format clean
+.PHONY: all bootstrap test lint layering typecheck pytest fuzz demo bench format clean
 
 all: test
 
@@ -17,10 +17,15 @@ lint: bootstrap
 typecheck: bootstrap
 	$(VENV)/bin/mypy
 
+# The layering contract in pyproject.toml ([tool.importlinter]): dependencies
+# point down the data flow, and only imagefs.daemon imports pyfuse3 and trio.
+layering: bootstrap
+	$(VENV)/bin/lint-imports
+
 pytest: bootstrap
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+test: lint layering typecheck pytest
 
 # Long runs of what `make test` runs briefly: hypothesis targets with
 # FUZZ_EXAMPLES examples each (fresh ones every run), the hostile corpus at a
@@ -46,4 +51,4 @@ bench: bootstrap
 	$(PY) scripts/bench_registry.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
