@@ -21,7 +21,7 @@ them too):
   (``tests/test_registry_live.py``);
 * setuid binaries and device nodes under ``nosuid,nodev``
   (``tests/test_linux.py``);
-* corrupt cached trees and rewritten blobs (``tests/test_indexer.py``).
+* corrupt cached trees and rewritten blobs (``tests/test_persisted_tree.py``).
 """
 
 from __future__ import annotations
