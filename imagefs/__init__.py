@@ -1,20 +1,19 @@
 """imagefs: mount container images read-only with FUSE.
 
-Layering (dependencies point down; only ``fs`` and ``mount`` import pyfuse3)::
+The package's folders follow the data flow; dependencies point down, and
+``lint-imports`` checks it (the contract is in ``pyproject.toml``)::
 
-    cli, mountopts                    commands and options (mount(8)'s -o form too)
-     └─ mount (lifecycle: fork, readiness pipe, signals; notify, mounttab, logsetup)
-         └─ fs (pyfuse3 Operations, thin adapter; provenance xattrs)
-             └─ indexer (persisted tree: packedtree; built once by loader)
-                 └─ loader (one pass per layer, then merge)
-                     ├─ sources/, registry/  SOURCE -> Image (config, layers as byte ranges)
-                     ├─ blobstore    content-addressed cache of registry blobs
-                     ├─ layerio      compression sniffing, digest check, random access
-                     ├─ tarscan      tar headers -> TarEntry
-                     ├─ overlay      OCI changeset rules -> Node tree
-                     ├─ tree         inode numbers, lookups
-                     └─ content      file bytes from layers
-    inspect, diff, investigate, views, history   incident-response commands and views
+    cli                  the command line (and mount(8)'s SOURCE MNT -o form)
+     └─ daemon/          pyfuse3 Operations (thin), mount lifecycle, -o options,
+        │                mount table, sd_notify, logs: the only pyfuse3 user
+        └─ forensics/    inspect, which, diff, history, provenance, --layers views
+           └─ registry/  distribution client, auth, pulls, the blob store
+              └─ sources/  local image shapes (OCI layout, archives) -> Image
+                 └─ tree/    overlay merge, frozen and packed trees, building
+                    │        and loading an image's tree, the content reader
+                    └─ layers/  one layer: compression, digest-checked pass,
+                                tar scan, per-layer index, random access
+    cachedir, image, progress, reference, errors    shared by all of the above
 """
 
 __version__ = "0.1.0"

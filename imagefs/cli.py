@@ -40,7 +40,7 @@ from imagefs.daemon.options import (
     subcommands,
 )
 from imagefs.errors import ImageFSError, UsageError
-from imagefs.forensics import commands as investigate
+from imagefs.forensics import commands as forensics
 from imagefs.registry import cliargs as registry_cli
 from imagefs.sources import parse_platform
 
@@ -176,7 +176,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mounts.add_argument("--json", action="store_true", help="one JSON array, for scripts")
     registry_cli.add_commands(commands, common)
-    investigate.add_commands(commands, common)
+    forensics.add_commands(commands, common)
     return parser
 
 
@@ -242,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             registry_cli.run_pull(args)
         elif args.command == "cache":
             registry_cli.run_cache(args)
-        elif args.command in investigate.COMMANDS:
-            investigate.run(args)
+        elif args.command in forensics.COMMANDS:
+            forensics.run(args)
         else:
             _run_umount(args)
     except UsageError as exc:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.layers import gzip as layerio_gzip
-from imagefs.layers import zstd as layerio_zstd
+from imagefs.layers import gzip as gzip_layer
+from imagefs.layers import zstd as zstd_layer
 from imagefs.layers.reader import set_decoded_cache_limit
 from tests import builder
 from tests.builder import file
@@ -28,10 +28,10 @@ def text(rng: random.Random, size: int) -> bytes:
 def test_limit_sets_both_bounds() -> None:
     try:
         set_decoded_cache_limit(1 << 20)
-        assert layerio_gzip._OPEN_READERS.limit == 1  # never zero readers
-        assert layerio_zstd._FRAME_CACHE.max_bytes == 1 << 20
+        assert gzip_layer._OPEN_READERS.limit == 1  # never zero readers
+        assert zstd_layer._FRAME_CACHE.max_bytes == 1 << 20
         set_decoded_cache_limit(100 << 20)
-        assert layerio_gzip._OPEN_READERS.limit == 5
+        assert gzip_layer._OPEN_READERS.limit == 5
     finally:
         set_decoded_cache_limit(80 << 20)
 

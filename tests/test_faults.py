@@ -125,7 +125,7 @@ def test_corrupt_layer_cache_files_are_rebuilt(
     else:
         os.truncate(files[0], 0)
     # The tree is cached too; remove it so the layer is opened as on a cold
-    # mount (test_indexer covers a corrupt tree).
+    # mount (test_persisted_tree covers a corrupt tree).
     for tree in (cache / "trees").iterdir():
         tree.unlink()
     with mounted(layout, tmp_path / "mnt", cache=cache) as mnt:

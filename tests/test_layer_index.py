@@ -13,7 +13,7 @@ import pytest
 
 from imagefs.errors import DigestMismatchError
 from imagefs.image import Image
-from imagefs.layers import index as layerindex
+from imagefs.layers import index as layer_index
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.progress import Progress
 from imagefs.sources import open_image
@@ -43,7 +43,7 @@ def two_images_sharing_a_base(tmp_path: Path, compression: builder.Compression) 
 def assert_refused(source: str, cache: Path, mountpoint: Path) -> None:
     """The base layer's cached index is not served: load and mount fail on the digest."""
     with pytest.raises(DigestMismatchError):
-        layerindex.load(str(cache), open_image(source).layers[0])
+        layer_index.load(str(cache), open_image(source).layers[0])
     mountpoint.mkdir()
     result = run_imagefs("mount", "--quiet", f"--cache-dir={cache}", source, mountpoint)
     assert result.returncode == 1 and "digest" in result.stderr, result.stderr
@@ -63,8 +63,8 @@ def test_round_trip_keeps_every_field_of_real_scanner_output(tmp_path: Path) -> 
     cache = tmp_path / "cache"
     for index in range(len(image.layers)):
         scanned = scan(image, index, cache)
-        assert os.path.exists(layerindex.index_path(str(cache), image.layers[index]))
-        loaded = layerindex.load(str(cache), image.layers[index])
+        assert os.path.exists(layer_index.index_path(str(cache), image.layers[index]))
+        loaded = layer_index.load(str(cache), image.layers[index])
         assert loaded is not None
         assert loaded[0] == scanned
     kinds = {e.type for i in range(3) for e in scan(image, i, cache)}
@@ -79,8 +79,8 @@ def test_names_that_are_not_utf8_round_trip_separately(tmp_path: Path) -> None:
         tmp_path / "l", [builder.make_layer_tar([file("x")])], compression="none", tag="t"
     )
     layer = open_image(f"oci:{layout}:t").layers[0]
-    layerindex.save(str(tmp_path), layer, [entry], [])
-    assert layerindex.load(str(tmp_path), layer) == ([entry], [])
+    layer_index.save(str(tmp_path), layer, [entry], [])
+    assert layer_index.load(str(tmp_path), layer) == ([entry], [])
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
@@ -92,11 +92,11 @@ def test_second_image_serves_the_shared_layer_from_its_index(
     with mounted(one, tmp_path / "m1", cache=cache):
         pass
     base = open_image(two).layers[0]
-    entries, warnings = layerindex.load(str(cache), base) or ([], [])
+    entries, warnings = layer_index.load(str(cache), base) or ([], [])
     # Rewrite the cached index with one more entry: only a mount that reads
     # the index, instead of scanning the tar again, can show it.
     marker = TarEntry("etc/from-the-index", EntryType.FILE, 0o644, 0, 0, 0, 0)
-    layerindex.save(str(cache), base, [*entries, marker], warnings)
+    layer_index.save(str(cache), base, [*entries, marker], warnings)
     with mounted(two, tmp_path / "m2", cache=cache) as mnt:
         assert (mnt / "etc" / "from-the-index").exists()
         assert (mnt / "etc" / "two").read_text() == "two"
@@ -136,14 +136,14 @@ def test_corrupt_index_is_rescanned_and_rewritten(tmp_path: Path) -> None:
     image = open_image(one)
     cache = tmp_path / "cache"
     scanned = scan(image, 0, cache)
-    path = Path(layerindex.index_path(str(cache), image.layers[0]))
+    path = Path(layer_index.index_path(str(cache), image.layers[0]))
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert layerindex.load(str(cache), image.layers[0]) is None
+    assert layer_index.load(str(cache), image.layers[0]) is None
     assert scan(image, 0, cache) == scanned
     assert path.read_bytes() != bytes(data)
-    assert layerindex.load(str(cache), image.layers[0]) == (scanned, [])
+    assert layer_index.load(str(cache), image.layers[0]) == (scanned, [])
 
 
 def test_index_of_another_schema_is_not_served(tmp_path: Path) -> None:
@@ -151,9 +151,9 @@ def test_index_of_another_schema_is_not_served(tmp_path: Path) -> None:
     image = open_image(one)
     cache = tmp_path / "cache"
     scan(image, 0, cache)
-    path = Path(layerindex.index_path(str(cache), image.layers[0]))
+    path = Path(layer_index.index_path(str(cache), image.layers[0]))
     path.write_bytes(path.read_bytes().replace(b'"schema": 1', b'"schema": 9', 1))
-    assert layerindex.load(str(cache), image.layers[0]) is None
+    assert layer_index.load(str(cache), image.layers[0]) is None
 
 
 def test_scan_warnings_are_repeated_when_the_index_is_reused(tmp_path: Path) -> None:
@@ -221,7 +221,7 @@ def test_concurrent_first_mounts_of_images_sharing_a_layer_scan_it_once(tmp_path
     # Hold the base layer's lock, as a mount scanning it would, until all
     # three mounts wait on it: then they race for it for real.
     cache.mkdir(mode=0o700)
-    lock = Path(layerindex.index_path(str(cache), open_image(sources[0]).layers[0]) + ".lock")
+    lock = Path(layer_index.index_path(str(cache), open_image(sources[0]).layers[0]) + ".lock")
     held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(held, fcntl.LOCK_EX)
     release = contextlib.ExitStack()

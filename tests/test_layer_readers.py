@@ -35,8 +35,8 @@ from imagefs.errors import (
     TarFormatError,
 )
 from imagefs.image import BlobRange, Descriptor, Layer
-from imagefs.layers import gzip as layerio_gzip
-from imagefs.layers import zstd as layerio_zstd
+from imagefs.layers import gzip as gzip_layer
+from imagefs.layers import zstd as zstd_layer
 from imagefs.layers.reader import (
     Compression,
     LayerData,
@@ -518,7 +518,7 @@ def test_pread_argument_checks(opened: dict[str, LayerData]) -> None:
 def test_gzip_readers_beyond_the_limit_are_reopened(
     blobs: dict[str, Blob], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(layerio_gzip._OPEN_READERS, "limit", 1)
+    monkeypatch.setattr(gzip_layer._OPEN_READERS, "limit", 1)
     readers = [
         open_layer_data(place(tmp_path, blobs[name].data, OCI_GZIP), str(tmp_path))
         for name in ("gzip-python", "gzip-cli", "gzip-members")
@@ -608,7 +608,7 @@ def test_zstd_without_cache_dir_cleans_up(blobs: dict[str, Blob], tmp_path: Path
     blob = blobs["zstd-cli-size"]
     layer = place(tmp_path, blob.data, OCI_ZSTD)
     data = open_layer_data(layer)
-    assert isinstance(data, layerio_zstd.ZstdLayerData)
+    assert isinstance(data, zstd_layer.ZstdLayerData)
     owned = data._owned_dir
     assert owned is not None and os.path.isdir(owned)
     assert data.pread(MIB, 10) == TAR[MIB : MIB + 10]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from imagefs.errors import DigestMismatchError
-from imagefs.layers import index as layerindex
+from imagefs.layers import index as layer_index
 from imagefs.progress import Progress
 from imagefs.sources import open_image
 from imagefs.tree.loader import scan_layers
@@ -63,7 +63,7 @@ def test_the_failing_layer_is_named_while_others_scan(tmp_path: Path, bad: int) 
     assert f"layer {bad + 1}/3" in str(caught.value) and digest in str(caught.value)
     # No index is cached for the layer that failed its digest check.
     failed = open_image(f"oci:{layout}:t").layers[bad]
-    assert not Path(layerindex.index_path(str(tmp_path / "cache"), failed)).exists()
+    assert not Path(layer_index.index_path(str(tmp_path / "cache"), failed)).exists()
 
 
 def run_on_terminal(*args: str | Path) -> tuple[int, str]:

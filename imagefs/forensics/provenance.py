@@ -84,7 +84,7 @@ class Provenance:
             return self.xattr(node, name)
         if name in PROVENANCE_XATTRS and ino not in self._warned:
             # Checked here, not by walking the tree at mount time: a mapped
-            # tree (see indexer) must not be decoded whole for a warning.
+            # tree (see imagefs.tree.persisted) must not be decoded whole for a warning.
             self._warned.add(ino)
             self._warn(
                 f"inode {ino}: the image itself sets {name}; getfattr shows the image's "

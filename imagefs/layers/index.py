@@ -1,7 +1,7 @@
 """Per-layer tar indexes in the cache, so a layer is scanned once for every image.
 
 Images share layers (every ``FROM debian`` image starts with the same one),
-and the merged tree is persisted per image (``indexer``). Without a cache of
+and the merged tree is persisted per image (:mod:`imagefs.tree.persisted`). Without a cache of
 each layer's own entries, the first mount of a second image would decompress
 and scan the shared layers again. This module keeps the scanner's output for a
 layer beside its gzip checkpoints or zstd seek file, keyed by the layer's
@@ -10,7 +10,7 @@ digest and :data:`INDEX_SCHEMA`.
 The entries are correct for the content the digest names, so serving them
 for a blob is only right if that blob has that digest. A reuse therefore
 either finds the very blob file the index was built from (same device,
-inode, range, size, mtime and ctime, as ``indexer.tree_sources`` trusts for
+inode, range, size, mtime and ctime, as ``tree.persisted.tree_sources`` trusts for
 whole trees) or hashes the blob first: sha256 runs at ~1.7 GB/s, far faster than
 decompressing and parsing the tar.
 

@@ -42,7 +42,7 @@ TMP_PREFIX = ".layerio-tmp-"  # files being written; renamed when complete
 # (a live builder writes every few milliseconds).
 _STALE_TMP_SECONDS = 3600
 
-# Bumped whenever a cache file format written by layerio changes; it is part
+# Bumped whenever a cache file format written by imagefs.layers changes; it is part
 # of every cache file name, so old files are simply never looked at again.
 CACHE_SCHEMA = 1
 

@@ -36,7 +36,7 @@ here with SHA-NI). That is cheaper than making the decoders hash: rapidgzip
 reads the compressed bytes out of order, and the plain tar pass never reads
 file data. A blob still downloading is not hashed again: the download
 hashes what it writes and publishes only a matching blob, and the pass waits
-for that (``layerio_base.DownloadCheck``). Every error names the layer's
+for that (``layers.plumbing.DownloadCheck``). Every error names the layer's
 digest: no zlib, zstd or rapidgzip exception escapes.
 
 Measurements

@@ -192,7 +192,7 @@ class BlobStore:
         return found
 
     def prune(self, keep: set[str]) -> PruneResult:
-        """Remove blobs not in ``keep``, their layerio cache files and merged
+        """Remove blobs not in ``keep``, their layer cache files and merged
         trees, and dead downloads.
 
         A download in progress is kept (its writer holds the lock). A mount
@@ -205,7 +205,7 @@ class BlobStore:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
                 files, size = files + 1, size + blob_size
-        # layerio names its files "<alg>-<hex>.layerio-v<N>.<kind>" (layerio_base.cache_path).
+        # Layer cache files: "<alg>-<hex>.layerio-v<N>.<kind>" (layers.plumbing.cache_path).
         kept_prefixes = {d.replace(":", "-", 1) for d in keep}
         if self.root.is_dir():
             for entry in os.scandir(self.root):
@@ -221,7 +221,7 @@ class BlobStore:
                 removed = _remove_if_unlocked(entry.path)
                 if removed is not None:
                     files, size = files + 1, size + removed
-        # Merged trees (indexer.tree_path) of images with a layer no longer
+        # Merged trees (tree.persisted.tree_path) of images with a layer no longer
         # kept, or that cannot be read: derived data, rebuilt on the next
         # mount. A mount serving one keeps its mapping of the removed file.
         # Lock files stay: a build may hold one.
@@ -276,7 +276,7 @@ class BlobDownload:
     after the rename) and call :meth:`wait_for` before reading: it blocks
     until the bytes exist and raises the download's error if it failed.
     The temporary file is sized up front so that size checks made before
-    reading (layerio's ``check_blob``) see the whole blob.
+    reading (``layers.plumbing.check_blob``) see the whole blob.
     """
 
     def __init__(self, store: BlobStore, digest: str, size: int) -> None:

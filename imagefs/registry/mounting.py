@@ -1,9 +1,9 @@
-"""Glue between a registry source and the mount lifecycle (``mount.serve``).
+"""Glue between a registry source and the mount lifecycle (``daemon.mount.serve``).
 
 A registry image whose layers are all cached is loaded like a local one
-(``indexer.load_cached``: the persisted tree is mapped). One with downloads in
+(``tree.persisted.load_cached``: the persisted tree is mapped). One with downloads in
 flight is loaded in this process, so the layer pass reads each blob while it
-downloads (``indexer`` builds in a forked child, which would not see this
+downloads (``tree.persisted`` builds in a forked child, which would not see this
 process's download threads); its merged tree is then persisted and served
 from the mapped file, like every later mount of the image.
 """

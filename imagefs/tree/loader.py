@@ -19,7 +19,7 @@ from pathlib import Path
 from imagefs.cachedir import build_lock
 from imagefs.errors import ImageFSError
 from imagefs.image import Image, Layer
-from imagefs.layers import index as layerindex
+from imagefs.layers import index as layer_index
 from imagefs.layers.entry import TarEntry
 from imagefs.layers.plumbing import DigestCheck
 from imagefs.layers.reader import (
@@ -79,7 +79,7 @@ def scan_layer(
     With ``cache_dir``, a layer indexed before (by any image) is loaded from
     its cached index instead (see :mod:`imagefs.layers.index`), and a layer
     scanned now is cached for the next image that shares it. ``hasher``:
-    the layer's digest check, if started ahead (layerio.check_digests_ahead).
+    the layer's digest check, if started ahead (layers.reader.check_digests_ahead).
     ``stop``: set when another layer failed; the scan then gives up early.
     """
     # The scanner compiles its header patterns at import (~30 ms); a mount
@@ -100,13 +100,13 @@ def scan_layer(
         # Mounts of images that share this layer (a fleet starting at once)
         # scan it once: the others wait here, then read the index it leaves.
         lock = (
-            build_lock(Path(layerindex.index_path(cache, layer)), best_effort=True)
+            build_lock(Path(layer_index.index_path(cache, layer)), best_effort=True)
             if cache is not None
             else nullcontext()
         )
         with lock:
             if cache is not None and random_access_cached(layer, cache):
-                cached = layerindex.load(cache, layer, hasher)
+                cached = layer_index.load(cache, layer, hasher)
                 if cached is not None:
                     log.debug("layer %s: entries from its cached index", name)
                     entries, warnings = cached
@@ -127,7 +127,7 @@ def scan_layer(
                 position = stream.tell()
             # Only now is the digest verified (the stream checked it on exit).
             if cache is not None:
-                layerindex.save(cache, layer, entries, warnings)
+                layer_index.save(cache, layer, entries, warnings)
     except _ScanStoppedError:
         task.finish(len(entries), 0)
         raise
@@ -159,10 +159,10 @@ def scan_layers(
     fail stops the others; its error is raised.
     """
     count = len(image.layers)
-    # Layers another image already indexed are verified by layerindex.load.
+    # Layers another image already indexed are verified by layer_index.load.
     unindexed = [
         index for index, layer in enumerate(image.layers)
-        if cache_dir is None or not os.path.exists(layerindex.index_path(str(cache_dir), layer))
+        if cache_dir is None or not os.path.exists(layer_index.index_path(str(cache_dir), layer))
     ]  # fmt: skip
     hashers = dict(
         zip(unindexed, check_digests_ahead([image.layers[i] for i in unindexed]), strict=True)

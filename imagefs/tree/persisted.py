@@ -1,7 +1,7 @@
 """Serve an image from its persisted tree, building it once in a child process.
 
-The first mount of an image scans and merges its layers (``loader``) and
-writes the merged tree to ``CACHE/trees/`` (``packedtree``); every later
+The first mount of an image scans and merges its layers (:mod:`~imagefs.tree.loader`) and
+writes the merged tree to ``CACHE/trees/`` (:mod:`~imagefs.tree.packed`); every later
 mount just maps that file, so a remount scans nothing and its cost does not
 depend on the number of layers.
 
@@ -44,7 +44,7 @@ def tree_sources(image: Image) -> dict[str, Any]:
     """What a persisted tree depends on; any change makes it stale.
 
     Layer digests name the content; the identity of each local blob file
-    (layerindex.blob_identity: range, device, inode, size, mtime, ctime)
+    (layers.index.blob_identity: range, device, inode, size, mtime, ctime)
     catches a file replaced or rewritten in place since the tree was built,
     whose digest was verified back then. The tree also keys on each blob's
     path, which the layer index does not need.
