@@ -57,7 +57,9 @@ class Digest(str):
     def parse(cls, value: object, where: str) -> Digest:
         """A digest read from untrusted input; the error names ``where`` it was read."""
         if not isinstance(value, str):
-            raise InvalidDigestError(f"{where}: digest must be a string, not {_kind(value)}")
+            raise InvalidDigestError(
+                f"{where}: digest must be a string, not {type(value).__name__}"
+            )
         problem = _problem(value)
         if problem is not None:
             raise InvalidDigestError(f"{where}: {problem} {value!r}")
@@ -139,9 +141,3 @@ def _problem(value: str) -> str | None:
     if len(encoded) != length or not _HEX.issuperset(encoded):
         return f"malformed {algorithm} digest"
     return None
-
-
-def _kind(value: object) -> str:
-    return {dict: "an object", list: "an array", bool: "a boolean"}.get(
-        type(value), "null" if value is None else "a number"
-    )

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from imagefs.digest import Digest
+
 
 class BlobFeed(Protocol):
     """A blob file that is still being written (a registry download in progress).
@@ -77,7 +79,7 @@ class Descriptor:
     """An OCI content descriptor (``mediaType``, ``digest``, ``size``)."""
 
     media_type: str
-    digest: str
+    digest: Digest
     size: int
     annotations: tuple[tuple[str, str], ...] = ()
     platform: Platform | None = None
@@ -90,12 +92,12 @@ class Layer:
     ``descriptor.digest`` is the digest of the bytes in ``blob`` (for legacy
     ``docker save`` layers, which have no compressed digest, it is the diff_id:
     the digest of the uncompressed tar, which is what ``blob`` holds).
-    ``diff_id`` is the config's ``rootfs.diff_ids`` entry, or "" if unknown.
+    ``diff_id`` is the config's ``rootfs.diff_ids`` entry, or None if unknown.
     """
 
     descriptor: Descriptor
     blob: BlobRange
-    diff_id: str = ""
+    diff_id: Digest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +106,8 @@ class Image:
 
     source: str  # what the user named, for messages
     transport: str  # "oci", "oci-archive", "docker-archive"
-    manifest_digest: str  # "" when the source has no manifest blob (legacy docker save)
-    config_digest: str
+    manifest_digest: Digest | None  # None when the source has no manifest blob (legacy save)
+    config_digest: Digest
     config: dict[str, Any] = field(hash=False, compare=False)
     layers: tuple[Layer, ...] = ()
     platform: Platform | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from imagefs.digest import Digest, InvalidDigestError
 from imagefs.errors import InvalidReferenceError
 
 DOCKER_HUB = "docker.io"
@@ -32,8 +33,6 @@ _DOMAIN_RE = re.compile(
     rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$"
 )
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
-# Only digests imagefs can verify (sources.manifest.parse_digest says the same).
-_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _NAME_MAX = 255  # distribution: NameTotalLengthMax
 
 
@@ -44,7 +43,7 @@ class Reference:
     domain: str  # docker.io, ghcr.io, localhost:5000 ...
     path: str  # library/alpine
     tag: str | None = None
-    digest: str | None = None
+    digest: Digest | None = None
 
     @property
     def repository(self) -> str:
@@ -56,7 +55,7 @@ class Reference:
         """What goes after ``/manifests/``: the digest when there is one, else the tag."""
         return self.digest or self.tag or "latest"
 
-    def with_digest(self, digest: str) -> Reference:
+    def with_digest(self, digest: Digest) -> Reference:
         return Reference(self.domain, self.path, self.tag, digest)
 
     def __str__(self) -> str:
@@ -78,9 +77,16 @@ def parse_reference(text: str) -> Reference:
     def invalid(why: str) -> InvalidReferenceError:
         return InvalidReferenceError(f"invalid reference {original!r}: {why}")
 
-    name, at, digest = text.partition("@")
-    if at and not _DIGEST_RE.match(digest):
-        raise invalid(f"digest {digest!r} is not sha256:<64 hex> or sha512:<128 hex>")
+    name, at, digest_text = text.partition("@")
+    digest = None
+    if at:
+        # Only digests imagefs can verify: the same rule as every descriptor's.
+        try:
+            digest = Digest(digest_text)
+        except InvalidDigestError:
+            raise invalid(
+                f"digest {digest_text!r} is not sha256:<64 hex> or sha512:<128 hex>"
+            ) from None
     tag: str | None = None
     slash, colon = name.rfind("/"), name.rfind(":")
     if colon > slash:
@@ -111,7 +117,7 @@ def parse_reference(text: str) -> Reference:
         raise invalid(f"repository name longer than {_NAME_MAX} characters")
     if tag is None and not at:
         tag = "latest"
-    return Reference(domain, path, tag, digest or None)
+    return Reference(domain, path, tag, digest)
 
 
 def looks_like_reference(text: str) -> bool:

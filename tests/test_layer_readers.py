@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from imagefs.digest import Digest, InvalidDigestError
 from imagefs.errors import (
-    BlobError,
     CompressionError,
     DigestMismatchError,
     MediaTypeError,
@@ -187,7 +187,9 @@ def place(
     else:
         path.write_bytes(data)
     descriptor = Descriptor(
-        media_type, sha256(data) if digest is None else digest, len(data) if size is None else size
+        media_type,
+        Digest(sha256(data) if digest is None else digest),
+        len(data) if size is None else size,
     )
     return Layer(descriptor, BlobRange(str(path), offset, len(data)))
 
@@ -336,9 +338,10 @@ def test_early_exit_still_verifies_everything(
     bad = place(tmp_path, blob.data, blob.media_type, digest=sha256(b"something else"))
     with pytest.raises(DigestMismatchError) as info, open_layer_stream(bad) as stream:
         assert stream.read(512) == TAR[:512]
-    assert (
-        str(info.value)
-        == f"layer {sha256(b'something else')}: content digest is {sha256(blob.data)}"
+    assert str(info.value) == (
+        f"layer {sha256(b'something else')}: digest mismatch: expected "
+        f"{sha256(b'something else')}, found {sha256(blob.data)}, over the blob "
+        f"({len(blob.data)} bytes of {bad.blob.path})"
     )
 
 
@@ -352,9 +355,11 @@ def test_sha512_digest(blobs: dict[str, Blob], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("digest", ["md5:abc", "sha256:XYZ", "sha256", ""])
-def test_unusable_digest_is_a_blob_error(tmp_path: Path, digest: str) -> None:
-    with pytest.raises(BlobError):
-        read_all(place(tmp_path, TAR[:1024], OCI_TAR, digest=digest))
+def test_a_layer_cannot_carry_an_unusable_digest(tmp_path: Path, digest: str) -> None:
+    # Refused where the descriptor is made (sources parse with Digest.parse),
+    # so no reader ever starts on a layer it could not verify.
+    with pytest.raises(InvalidDigestError):
+        place(tmp_path, TAR[:1024], OCI_TAR, digest=digest)
 
 
 def test_size_mismatch(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import random
 from pathlib import Path
 
+from imagefs.digest import Digest
 from imagefs.image import BlobRange, Descriptor, Layer
 from imagefs.layers.entry import EntryType
 from imagefs.layers.reader import open_layer_data
@@ -20,7 +21,7 @@ def plain_layer(tmp_path: Path, data: bytes) -> Layer:
     # The blob sits inside a larger file, as a docker save member does.
     path = tmp_path / "outer"
     path.write_bytes(b"junk" * 1000 + data + b"tail" * 1000)
-    digest = builder.sha256_digest(data)
+    digest = Digest(builder.sha256_digest(data))
     return Layer(Descriptor(MEDIA, digest, len(data)), BlobRange(str(path), 4000, len(data)))
 
 

@@ -6,7 +6,6 @@ to another host, schema 1, 5xx)."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from imagefs.digest import Digest
 from imagefs.errors import (
     DigestMismatchError,
     InvalidReferenceError,
@@ -34,7 +34,7 @@ from imagefs.registry.blobstore import BlobStore
 from imagefs.registry.client import Endpoint, RegistryClient, TransportOptions
 from imagefs.registry.config import RegistryOptions, endpoints, with_config_file
 
-DIGEST = "sha256:" + "ab" * 32
+DIGEST = Digest("sha256:" + "ab" * 32)
 
 # -- references -----------------------------------------------------------------
 
@@ -178,7 +178,7 @@ def test_mirrors_from_config_file(tmp_path: Path) -> None:
 def test_blob_store_put_read_and_corruption(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     data = b"hello"
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = Digest.of(data)
     with pytest.raises(DigestMismatchError):
         store.put(digest, b"other")
     assert not store.has(digest)
@@ -193,7 +193,7 @@ def test_blob_store_put_read_and_corruption(tmp_path: Path) -> None:
 def test_blob_download_streams_to_waiting_readers(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     data = bytes(range(256)) * 64
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = Digest.of(data)
     download = store.begin(digest, len(data))
     seen: list[bytes] = []
 
@@ -368,7 +368,7 @@ def test_basic_challenge_and_redirect_without_authorization(scripted: Scripted) 
     cdn = Scripted()
     try:
         blob = b"layer bytes"
-        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        digest = Digest.of(blob)
 
         def registry_blob(h: BaseHTTPRequestHandler) -> None:
             if h.headers.get("Authorization") is None:

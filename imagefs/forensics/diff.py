@@ -16,13 +16,13 @@ binary can be looked up at once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from imagefs.digest import Hasher
 from imagefs.forensics.provenance import node_json
 from imagefs.forensics.views import SYNTHETIC_DIR_MODE, clone_tree
 from imagefs.image import Image
@@ -90,10 +90,10 @@ class _Hasher:
         key = self.key(side, node)
         cached = self._cache.get(key)
         if cached is None:
-            digest = hashlib.sha256()
+            hasher = Hasher("sha256")
             for offset in range(0, node.size, _CHUNK):
-                digest.update(side.content.read(node, offset, _CHUNK))
-            cached = self._cache[key] = "sha256:" + digest.hexdigest()
+                hasher.update(side.content.read(node, offset, _CHUNK))
+            cached = self._cache[key] = hasher.result()
         return cached
 
 

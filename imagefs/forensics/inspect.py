@@ -19,7 +19,6 @@ from imagefs.forensics.history import HistoryEntry, image_history
 from imagefs.image import Image, Layer
 from imagefs.layers.reader import Compression, detect_compression, open_layer_stream
 from imagefs.progress import Progress
-from imagefs.tree.loader import short_digest
 from imagefs.tree.overlay import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
 
 _PROGRESS_EVERY = 512
@@ -47,7 +46,7 @@ def scan_layer_stats(
     # served from the persisted tree never scans, so load it on first use.
     from imagefs.layers.tarscan import scan_tar  # noqa: PLC0415
 
-    name = short_digest(layer.descriptor.digest)
+    name = layer.descriptor.digest.short()
     compression = detect_compression(layer)
     task = progress.start(f"layer {index + 1}/{count} {name}")
     entries = whiteouts = opaque = 0

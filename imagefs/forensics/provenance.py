@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from imagefs.digest import Digest
 from imagefs.errors import UsageError
 from imagefs.forensics.history import image_history
 from imagefs.forensics.views import lookup_literal
@@ -56,8 +57,8 @@ PROVENANCE_XATTRS = (LAYER_XATTR, LAYER_INDEX_XATTR, CREATED_BY_XATTR)
 @dataclass(frozen=True, slots=True)
 class LayerInfo:
     index: int
-    digest: str
-    diff_id: str
+    digest: Digest
+    diff_id: Digest | None
     created_by: str | None
 
 

@@ -6,15 +6,16 @@ file naming and atomic replacement. Nothing here knows about compression.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from typing import BinaryIO, Protocol
 
+from imagefs.digest import Digest, check
 from imagefs.errors import BlobError, CompressionError, DigestMismatchError, ImageFSError
 from imagefs.image import BlobFeed, Layer
 
@@ -29,9 +30,9 @@ __all__ = [
     "InUse",
     "RangeFile",
     "atomic_write",
+    "blob_bytes",
     "cache_path",
     "check_blob",
-    "digest_algorithm",
     "digest_check",
     "expansion_limit",
     "pread_exact",
@@ -57,20 +58,15 @@ CACHE_SCHEMA = 1
 EXPANSION_FLOOR = 1 << 30
 MAX_EXPANSION = 1100
 
-_HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _HASH_CHUNK = 1 << 20  # large enough that hashlib and pread release the GIL
 
 
-def digest_algorithm(layer: Layer) -> tuple[str, str]:
-    """``(algorithm, hex)`` of the layer's descriptor digest; BlobError if unusable."""
-    digest = layer.descriptor.digest
-    algorithm, sep, hexdigest = digest.partition(":")
-    length = _HEX_LENGTH.get(algorithm)
-    if not sep or length is None:
-        raise BlobError(f"layer {digest!r}: unsupported digest (want sha256:... or sha512:...)")
-    if len(hexdigest) != length or hexdigest.strip("0123456789abcdef"):
-        raise BlobError(f"layer {digest!r}: malformed {algorithm} digest")
-    return algorithm, hexdigest
+def blob_bytes(layer: Layer) -> str:
+    """Which bytes a layer's blob digest covers, for messages ("over ...")."""
+    blob = layer.blob
+    if blob.offset == 0:
+        return f"the blob ({blob.length} bytes of {blob.path})"
+    return f"the blob ({blob.length} bytes at offset {blob.offset} of {blob.path})"
 
 
 def check_blob(layer: Layer, fd: int) -> None:
@@ -110,7 +106,7 @@ def pread_exact(fd: int, size: int, offset: int) -> bytes:
 
 
 class BlobHasher:
-    """Hashes a layer's blob range in a background thread.
+    """Hashes a layer's blob range on a worker thread, to be checked against its digest.
 
     The readers never see the compressed bytes in order (rapidgzip reads
     chunks in parallel, the plain tar reader seeks past file data), so the
@@ -119,91 +115,79 @@ class BlobHasher:
     overlaps with decompression and tar parsing; sha256 runs at ~1.7 GB/s
     here (SHA-NI), far ahead of any decompressor.
 
-    With a ``gate``, hashing waits for a slot: that is how the digests of
-    plain layers are checked ahead of their scan, a few at a time
-    (:func:`imagefs.layers.reader.check_digests_ahead`).
+    With an ``executor``, the hash waits for one of its workers: that is how
+    the digests of plain layers are checked ahead of their scan, a core's
+    worth at a time (:func:`digests_checked_ahead`). Without one it gets a
+    thread of its own at once.
     """
 
-    def __init__(
-        self, layer: Layer, algorithm: str, gate: threading.Semaphore | None = None
-    ) -> None:
+    def __init__(self, layer: Layer, executor: Executor | None = None) -> None:
         self._layer = layer
-        self._gate = gate
-        self._hash = hashlib.new(algorithm)
-        self._algorithm = algorithm
         self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._read = 0
-        self._thread = threading.Thread(
-            target=self._run, name=f"imagefs-hash-{layer.descriptor.digest[:19]}", daemon=True
-        )
-        self._thread.start()
+        self._own: ThreadPoolExecutor | None = None
+        if executor is None:
+            name = f"imagefs-hash-{layer.descriptor.digest.short()}"
+            executor = self._own = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._future: Future[tuple[Digest, int]] = executor.submit(self._hash_blob)
+        if self._own is not None:
+            self._own.shutdown(wait=False)  # the thread ends with its one job
 
-    def _run(self) -> None:
-        gate = self._gate
-        if gate is None:
-            self._hash_blob()
-            return
-        # Wait for a turn, but give up promptly if cancelled meanwhile.
-        while not gate.acquire(timeout=0.05):
-            if self._stop.is_set():
-                return
-        try:
-            if not self._stop.is_set():
-                self._hash_blob()
-        finally:
-            gate.release()
-
-    def _hash_blob(self) -> None:
+    def _hash_blob(self) -> tuple[Digest, int]:
+        """``(digest, bytes read)`` of the range; stops early once cancelled."""
         blob = self._layer.blob
+        hasher = self._layer.descriptor.digest.hasher()
+        fd = blob.open_fd()
         try:
-            fd = blob.open_fd()
             try:
-                try:
-                    os.posix_fadvise(fd, blob.offset, blob.length, os.POSIX_FADV_SEQUENTIAL)
-                except OSError:
-                    pass  # only a readahead hint
-                pos, end = blob.offset, blob.offset + blob.length
-                while pos < end and not self._stop.is_set():
-                    blob.wait_for(pos - blob.offset + min(_HASH_CHUNK, end - pos))
-                    chunk = os.pread(fd, min(_HASH_CHUNK, end - pos), pos)
-                    if not chunk:
-                        break  # file shrank under us: the digest will not match
-                    self._hash.update(chunk)
-                    pos += len(chunk)
-                self._read = pos - blob.offset
-            finally:
-                os.close(fd)
-        except BaseException as exc:  # reported by result(), in the caller's thread
-            self._error = exc
+                os.posix_fadvise(fd, blob.offset, blob.length, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass  # only a readahead hint
+            pos, end = blob.offset, blob.offset + blob.length
+            while pos < end and not self._stop.is_set():
+                blob.wait_for(pos - blob.offset + min(_HASH_CHUNK, end - pos))
+                chunk = os.pread(fd, min(_HASH_CHUNK, end - pos), pos)
+                if not chunk:
+                    break  # file shrank under us: the digest will not match
+                hasher.update(chunk)
+                pos += len(chunk)
+            return hasher.result(), pos - blob.offset
+        finally:
+            os.close(fd)
 
-    def result(self) -> str:
-        """Wait for the hash of the whole range: ``"algorithm:hex"`` (blocking)."""
-        self._thread.join()
-        if isinstance(self._error, ImageFSError):
-            raise self._error  # a download that failed (BlobRange.wait_for) says why itself
-        if self._error is not None:
+    def result(self) -> Digest:
+        """Wait for the hash of the whole range (blocking)."""
+        layer = self._layer
+        try:
+            digest, read = self._future.result()
+        except ImageFSError:
+            raise  # a download that failed (BlobRange.wait_for) says why itself
+        except CancelledError:
+            raise BlobError(f"layer {layer.descriptor.digest}: digest check cancelled") from None
+        except Exception as exc:
             raise BlobError(
-                f"layer {self._layer.descriptor.digest}: cannot read {self._layer.blob.path}: "
-                f"{self._error}"
-            ) from self._error
-        if self._read != self._layer.blob.length:
+                f"layer {layer.descriptor.digest}: cannot read {layer.blob.path}: {exc}"
+            ) from exc
+        if read != layer.blob.length:
             raise DigestMismatchError(
-                f"layer {self._layer.descriptor.digest}: {self._layer.blob.path} ended after "
-                f"{self._read} of {self._layer.blob.length} bytes"
+                f"layer {layer.descriptor.digest}: {layer.blob.path} ended after "
+                f"{read} of {layer.blob.length} bytes"
             )
-        return f"{self._algorithm}:{self._hash.hexdigest()}"
+        return digest
 
     def verify(self) -> None:
         """Raise DigestMismatchError unless the blob hashes to its descriptor digest."""
-        actual = self.result()
-        expected = self._layer.descriptor.digest
-        if actual != expected:
-            raise DigestMismatchError(f"layer {expected}: content digest is {actual}")
+        layer = self._layer
+        check(layer.descriptor.digest, self.result(), where=f"layer {layer.descriptor.digest}",
+              over=blob_bytes(layer))  # fmt: skip
 
     def cancel(self) -> None:
+        """Stop (a job not started yet never starts) and wait until it has."""
         self._stop.set()
-        self._thread.join()
+        if not self._future.cancel():
+            try:
+                self._future.exception()  # wait: the worker may be inside os.pread
+            except CancelledError:
+                pass
 
 
 class DigestCheck(Protocol):
@@ -236,12 +220,11 @@ class DownloadCheck:
         pass  # the download goes on for the cache, or is cancelled by its owner
 
 
-def digest_check(layer: Layer, gate: threading.Semaphore | None = None) -> DigestCheck:
+def digest_check(layer: Layer, executor: Executor | None = None) -> DigestCheck:
     """Start checking ``layer``'s blob against its digest (see DigestCheck)."""
     if layer.blob.feed is not None:
         return DownloadCheck(layer.blob.feed)
-    algorithm, _ = digest_algorithm(layer)
-    return BlobHasher(layer, algorithm, gate)
+    return BlobHasher(layer, executor)
 
 
 class RangeFile:
@@ -317,8 +300,10 @@ class RangeFile:
 
 def cache_path(cache_dir: str, layer: Layer, suffix: str) -> str:
     """Where the cache file of kind ``suffix`` for ``layer`` lives (keyed by digest)."""
-    algorithm, hexdigest = digest_algorithm(layer)
-    return os.path.join(cache_dir, f"{algorithm}-{hexdigest}.layerio-v{CACHE_SCHEMA}.{suffix}")
+    digest = layer.descriptor.digest
+    return os.path.join(
+        cache_dir, f"{digest.algorithm}-{digest.encoded}.layerio-v{CACHE_SCHEMA}.{suffix}"
+    )
 
 
 def _sweep_stale(directory: str) -> None:

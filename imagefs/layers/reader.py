@@ -94,8 +94,8 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -116,11 +116,11 @@ from imagefs.layers.gzip import (
     set_open_reader_limit,
 )
 from imagefs.layers.plumbing import (
+    BlobHasher,
     DigestCheck,
     InUse,
     cache_path,
     check_blob,
-    digest_algorithm,
     digest_check,
     pread_exact,
 )
@@ -130,8 +130,8 @@ __all__ = [
     "Compression",
     "LayerData",
     "LayerStream",
-    "check_digests_ahead",
     "detect_compression",
+    "digests_checked_ahead",
     "open_layer_data",
     "open_layer_stream",
     "random_access_cached",
@@ -371,7 +371,6 @@ def _layer_pass(
     After the body: decode to the end (validating the whole compressed
     stream), verify the digest, and only then publish the artifacts.
     """
-    digest_algorithm(layer)  # a digest imagefs cannot check fails here, before any work
     fd = _open_blob(layer)
     try:
         check_blob(layer, fd)
@@ -432,7 +431,11 @@ def _layer_pass(
 
 @contextmanager
 def open_layer_stream(
-    layer: Layer, cache_dir: str | None = None, hasher: DigestCheck | None = None
+    layer: Layer,
+    cache_dir: str | None = None,
+    hasher: DigestCheck | None = None,
+    *,
+    compression: Compression | None = None,
 ) -> Iterator[LayerStream]:
     """The layer's uncompressed bytes, for one sequential pass (blocking).
 
@@ -445,9 +448,10 @@ def open_layer_stream(
     With ``cache_dir``, the pass also leaves in it what
     :func:`open_layer_data` needs for this layer (once the digest is
     verified), unless it is there already. ``hasher``: the digest check of
-    this blob already under way (see :func:`check_digests_ahead`).
+    this blob already under way (see :func:`digests_checked_ahead`).
+    ``compression``: what :func:`detect_compression` said, if already asked.
     """
-    compression = detect_compression(layer)
+    compression = compression or detect_compression(layer)
     gzip_index_path = seek_path = None
     if cache_dir is not None and not _usable_cache_dir(cache_dir):
         cache_dir = None
@@ -468,27 +472,41 @@ def open_layer_stream(
         yield stream
 
 
-def check_digests_ahead(layers: Sequence[Layer]) -> list[DigestCheck | None]:
-    """Start hashing the plain-tar layers now, a core's worth at a time.
+@contextmanager
+def digests_checked_ahead(
+    layers: Sequence[Layer], compressions: Sequence[Compression | None]
+) -> Iterator[list[DigestCheck | None]]:
+    """Hash the plain-tar layers now, a core's worth at a time, until the block ends.
 
     The scan of a plain tar only reads headers (~1 s per 100k entries), but
     its digest check reads every byte (sha256 at ~1.7 GB/s), so on a
     multi-GB image the scan of layer N would wait for its own hash while the
     other cores idle. Hashing the layers ahead of their scan, in layer
-    order, overlaps them. Compressed layers are left to their pass: there
-    the decompressor, not the hash, is the bottleneck. Pass each returned
-    hasher (one per layer, None for the others) to :func:`open_layer_stream`;
-    cancel the ones left unused.
+    order, overlaps them. Compressed layers (and downloads, which hash
+    themselves) are left to their pass: there the decompressor, not the
+    hash, is the bottleneck. Yields one check per layer (None for the
+    others) to pass to :func:`open_layer_stream`. On leaving, every check
+    is cancelled and the workers joined, whether the scans used them,
+    finished, or one of them raised: no thread outlives the block.
+    ``compressions``: per layer, what :func:`detect_compression` said
+    (None where it failed; that layer's scan reports it).
     """
-    # The CPUs this process may use (taskset, cgroups), not the host's.
-    gate = threading.Semaphore(max(1, len(os.sched_getaffinity(0))))
-    hashers: list[DigestCheck | None] = []
-    for layer in layers:
-        hasher = None
-        if layer.blob.feed is None and detect_compression(layer) is Compression.NONE:
-            hasher = digest_check(layer, gate)
-        hashers.append(hasher)
-    return hashers
+    checks: list[BlobHasher | None] = []
+    pool: ThreadPoolExecutor | None = None
+    try:
+        # The CPUs this process may use (taskset, cgroups), not the host's.
+        workers = max(1, len(os.sched_getaffinity(0)))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="imagefs-hash-ahead")
+        for layer, compression in zip(layers, compressions, strict=True):
+            plain = layer.blob.feed is None and compression is Compression.NONE
+            checks.append(BlobHasher(layer, pool) if plain else None)
+        yield list(checks)
+    finally:
+        for check in checks:
+            if check is not None:
+                check.cancel()  # a no-op for those whose scan used them
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 GZIP_READER_BYTES = 20 << 20  # RSS of one open rapidgzip reader, its chunk cache full
@@ -506,14 +524,16 @@ def set_decoded_cache_limit(max_bytes: int) -> None:
     set_frame_cache_bytes(max(0, max_bytes))
 
 
-def random_access_cached(layer: Layer, cache_dir: str) -> bool:
+def random_access_cached(
+    layer: Layer, cache_dir: str, compression: Compression | None = None
+) -> bool:
     """Whether ``cache_dir`` holds what :func:`open_layer_data` needs for ``layer``.
 
     True for a plain tar (read in place); for gzip and zstd, whether the
     pass's checkpoints or seek file exist, so opening the layer will not
     mean another pass over it.
     """
-    compression = detect_compression(layer)
+    compression = compression or detect_compression(layer)
     if compression is Compression.NONE:
         return True
     kind = "gzidx" if compression is Compression.GZIP else "zseek"
@@ -533,7 +553,9 @@ def _usable_cache_dir(cache_dir: str) -> bool:
     return True
 
 
-def open_layer_data(layer: Layer, cache_dir: str | None = None) -> LayerData:
+def open_layer_data(
+    layer: Layer, cache_dir: str | None = None, *, compression: Compression | None = None
+) -> LayerData:
     """Random access to the layer's uncompressed bytes (blocking; close() it).
 
     Uses the cache file a previous pass left in ``cache_dir``; otherwise
@@ -546,7 +568,7 @@ def open_layer_data(layer: Layer, cache_dir: str | None = None) -> LayerData:
     The returned object holds only file descriptors until its first read
     (no threads), so it may be opened before the daemon forks.
     """
-    compression = detect_compression(layer)
+    compression = compression or detect_compression(layer)
     if compression is Compression.NONE:
         return _PlainLayerData(layer)
     if cache_dir is not None and not _usable_cache_dir(cache_dir):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import tempfile
@@ -33,33 +32,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagefs.digest import ALGORITHMS, Digest, InvalidDigestError
 from imagefs.errors import BlobError, DigestMismatchError, ImageFSError
 from imagefs.tree.packed import tree_layers
 
 log = logging.getLogger(__name__)
 
-_HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _TAGS = "_tags"
-
-
-def split_digest(digest: str) -> tuple[str, str]:
-    """``sha256:abc...`` -> ``("sha256", "abc...")``; BlobError for anything unverifiable."""
-    algorithm, sep, hexdigest = digest.partition(":")
-    length = _HEX_LENGTH.get(algorithm)
-    if not sep or length is None or len(hexdigest) != length or hexdigest.strip("0123456789abcdef"):
-        raise BlobError(f"unsupported or malformed digest {digest!r}")
-    return algorithm, hexdigest
-
-
-def digest_of(algorithm: str, data: bytes) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 @dataclass(frozen=True, slots=True)
 class TagEntry:
     repository: str  # registry/path, e.g. docker.io/library/alpine
     tag: str
-    digest: str
+    digest: Digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,22 +65,21 @@ class BlobStore:
 
     # -- blobs -----------------------------------------------------------------
 
-    def blob_path(self, digest: str) -> Path:
-        algorithm, hexdigest = split_digest(digest)
-        return self.blobs / algorithm / hexdigest
+    def blob_path(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.encoded
 
-    def size_of(self, digest: str) -> int | None:
+    def size_of(self, digest: Digest) -> int | None:
         """The cached blob's size, or None when it is not cached."""
         try:
             return self.blob_path(digest).stat().st_size
         except FileNotFoundError:
             return None
 
-    def has(self, digest: str, size: int | None = None) -> bool:
+    def has(self, digest: Digest, size: int | None = None) -> bool:
         cached = self.size_of(digest)
         return cached is not None and (size is None or cached == size)
 
-    def read(self, digest: str) -> bytes | None:
+    def read(self, digest: Digest) -> bytes | None:
         """A small cached blob (manifest, config), re-verified; None if absent or corrupt.
 
         A corrupt file (disk error, someone editing the cache) is removed, so
@@ -105,18 +90,18 @@ class BlobStore:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        if digest_of(digest.partition(":")[0], data) != digest:
-            log.warning("cached blob %s is corrupt; removing it", digest)
+        try:
+            digest.verify(data, where=f"cached blob {path}", over=f"the file ({len(data)} bytes)")
+        except DigestMismatchError as exc:
+            log.warning("%s; removing it", exc)
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
         return data
 
-    def put(self, digest: str, data: bytes) -> Path:
+    def put(self, digest: Digest, data: bytes) -> Path:
         """Store ``data`` under ``digest`` (DigestMismatchError if it is not its content)."""
-        actual = digest_of(split_digest(digest)[0], data)
-        if actual != digest:
-            raise DigestMismatchError(f"blob {digest}: content digest is {actual}")
+        digest.verify(data, where=f"blob {digest}", over=f"the blob ({len(data)} bytes)")
         download = self.begin(digest, len(data))
         try:
             download.write(data)
@@ -125,7 +110,7 @@ class BlobStore:
             download.close()
         return self.blob_path(digest)
 
-    def begin(self, digest: str, size: int) -> BlobDownload:
+    def begin(self, digest: Digest, size: int) -> BlobDownload:
         """Start writing a blob; see :class:`BlobDownload`."""
         return BlobDownload(self, digest, size)
 
@@ -134,19 +119,15 @@ class BlobStore:
     def _tag_path(self, repository: str, tag: str) -> Path:
         return self.refs / repository / _TAGS / tag
 
-    def tag(self, repository: str, tag: str) -> str | None:
+    def tag(self, repository: str, tag: str) -> Digest | None:
         """The digest ``repository:tag`` resolved to when last seen online."""
         try:
-            digest = self._tag_path(repository, tag).read_text(encoding="ascii").strip()
-        except (FileNotFoundError, UnicodeDecodeError):
+            text = self._tag_path(repository, tag).read_text(encoding="ascii").strip()
+            return Digest(text)
+        except (FileNotFoundError, UnicodeDecodeError, InvalidDigestError):
             return None
-        try:
-            split_digest(digest)
-        except BlobError:
-            return None
-        return digest
 
-    def set_tag(self, repository: str, tag: str, digest: str) -> None:
+    def set_tag(self, repository: str, tag: str, digest: Digest) -> None:
         path = self._tag_path(repository, tag)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tag-", suffix=".part")
@@ -179,19 +160,23 @@ class BlobStore:
 
     # -- listing and pruning ---------------------------------------------------
 
-    def blob_digests(self) -> dict[str, int]:
-        """Every complete cached blob: digest -> size."""
-        found: dict[str, int] = {}
-        for algorithm in _HEX_LENGTH:
+    def blob_digests(self) -> dict[Digest, int]:
+        """Every complete cached blob: digest -> size (files not named by a digest are skipped)."""
+        found: dict[Digest, int] = {}
+        for algorithm in ALGORITHMS:
             directory = self.blobs / algorithm
             if not directory.is_dir():
                 continue
             for entry in os.scandir(directory):
+                try:
+                    digest = Digest(f"{algorithm}:{entry.name}")
+                except InvalidDigestError:
+                    continue  # a temporary file, or not ours
                 if entry.is_file(follow_symlinks=False):
-                    found[f"{algorithm}:{entry.name}"] = entry.stat().st_size
+                    found[digest] = entry.stat().st_size
         return found
 
-    def prune(self, keep: set[str]) -> PruneResult:
+    def prune(self, keep: set[Digest]) -> PruneResult:
         """Remove blobs not in ``keep``, their layer cache files and merged
         trees, and dead downloads.
 
@@ -279,14 +264,15 @@ class BlobDownload:
     reading (``layers.plumbing.check_blob``) see the whole blob.
     """
 
-    def __init__(self, store: BlobStore, digest: str, size: int) -> None:
-        algorithm, hexdigest = split_digest(digest)
+    def __init__(self, store: BlobStore, digest: Digest, size: int) -> None:
         self.digest = digest
         self.size = size
         self.path = store.blob_path(digest)
         store.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, self._tmp = tempfile.mkstemp(dir=store.tmp, prefix=hexdigest[:16] + ".", suffix=".part")
+        fd, self._tmp = tempfile.mkstemp(
+            dir=store.tmp, prefix=digest.encoded[:16] + ".", suffix=".part"
+        )
         self._fd: int | None = fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # tells prune this file is alive
@@ -296,7 +282,7 @@ class BlobDownload:
             os.close(fd)
             os.unlink(self._tmp)
             raise
-        self._hash = hashlib.new(algorithm)
+        self._hash = digest.hasher()
         self._cond = threading.Condition()
         self._written = 0
         self._error: ImageFSError | None = None
@@ -331,11 +317,11 @@ class BlobDownload:
             raise DigestMismatchError(
                 f"blob {self.digest}: got {self._written} bytes, the manifest declares {self.size}"
             )
-        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
-        if actual != self.digest:
-            error = DigestMismatchError(f"blob {self.digest}: content digest is {actual}")
+        try:
+            self._hash.verify(where=f"blob {self.digest}", over=f"the download ({self.size} bytes)")
+        except DigestMismatchError as error:
             self.fail(error)
-            raise error
+            raise
         assert self._fd is not None
         os.replace(self._tmp, self.path)
         os.close(self._fd)  # releases the lock only once the name is gone from tmp/

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imagefs.digest import Digest
 from imagefs.errors import ImageFSError
 from imagefs.registry.blobstore import BlobStore, PruneResult, TagEntry
 from imagefs.sources.manifest import MAX_INDEX_DEPTH, ImageIndex, parse_manifest_or_index
@@ -16,14 +17,14 @@ from imagefs.sources.manifest import MAX_INDEX_DEPTH, ImageIndex, parse_manifest
 @dataclass(frozen=True, slots=True)
 class CachedImage:
     entry: TagEntry
-    blobs: frozenset[str]  # every cached blob the tag reaches
+    blobs: frozenset[Digest]  # every cached blob the tag reaches
     size: int  # their total size
     complete: bool  # the tag's manifest and at least one platform's layers are all cached
 
 
-def reachable(store: BlobStore, digest: str) -> tuple[set[str], bool]:
+def reachable(store: BlobStore, digest: Digest) -> tuple[set[Digest], bool]:
     """Blobs reachable from a manifest or index digest; and whether an image is complete."""
-    seen: set[str] = set()
+    seen: set[Digest] = set()
     complete = False
     pending = [(digest, 0)]
     while pending:
@@ -59,7 +60,7 @@ def list_cache(store: BlobStore) -> list[CachedImage]:
 
 def prune_cache(store: BlobStore, *, everything: bool = False) -> PruneResult:
     """Remove blobs no tag reaches (all of them, and the tags, with ``everything``)."""
-    keep: set[str] = set()
+    keep: set[Digest] = set()
     if everything:
         for entry in store.tags():
             store.remove_tag(entry.repository, entry.tag)

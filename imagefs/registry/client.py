@@ -28,7 +28,6 @@ in headers and in :class:`Credentials`.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import ipaddress
 import json
 import logging
@@ -45,6 +44,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from imagefs import __version__
+from imagefs.digest import Digest, InvalidDigestError, check
 from imagefs.errors import (
     DigestMismatchError,
     ManifestError,
@@ -112,7 +112,7 @@ class TransportOptions:
 class Manifest:
     data: bytes
     media_type: str  # the Content-Type the registry declared ("" if none)
-    digest: str
+    digest: Digest
 
 
 def is_loopback(host: str) -> bool:
@@ -463,7 +463,7 @@ class RegistryClient:
 
     # -- manifests ---------------------------------------------------------------
 
-    def head_manifest(self, endpoint: Endpoint, repository: str, reference: str) -> str | None:
+    def head_manifest(self, endpoint: Endpoint, repository: str, reference: str) -> Digest | None:
         """The digest a tag points to (``Docker-Content-Digest``), or None if not given."""
         response = self.send(
             endpoint,
@@ -478,8 +478,7 @@ class RegistryClient:
             return None
         self.check(response, endpoint, f"manifest {repository}:{reference}")
         response.close()
-        digest = response.headers.get("Docker-Content-Digest", "")
-        return digest if digest.startswith("sha256:") else None
+        return _declared_digest(response)
 
     def get_manifest(self, endpoint: Endpoint, repository: str, reference: str) -> Manifest:
         """GET a manifest or index by tag or digest, verified (spec: "Pulling manifests")."""
@@ -503,21 +502,16 @@ class RegistryClient:
                 f"registry {endpoint}: {what} is a Docker schema 1 manifest, which imagefs "
                 "does not support (re-push the image with a current Docker or skopeo)"
             )
+        over = f"the manifest ({len(data)} bytes)"
         if ":" in reference:  # by digest: the content must hash to it
-            algorithm = reference.partition(":")[0]
-            actual = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-            if actual != reference:
-                raise DigestMismatchError(
-                    f"registry {endpoint}: {what}: content digest is {actual}"
-                )
-            return Manifest(data, media_type, reference)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        declared = response.headers.get("Docker-Content-Digest", "")
-        if declared.startswith("sha256:") and declared != digest:
-            raise DigestMismatchError(
-                f"registry {endpoint}: {what}: content digest is {digest}, the registry "
-                f"says {declared}"
-            )
+            expected = Digest(reference)
+            expected.verify(data, where=f"registry {endpoint}: {what}", over=over)
+            return Manifest(data, media_type, expected)
+        digest = Digest.of(data)
+        declared = _declared_digest(response)
+        if declared is not None:
+            check(declared, digest, where=f"registry {endpoint}: {what} (Docker-Content-Digest)",
+                  over=over)  # fmt: skip
         return Manifest(data, media_type, digest)
 
     def _read_limited(self, response: requests.Response, where: str) -> bytes:
@@ -537,7 +531,7 @@ class RegistryClient:
 
     # -- blobs -------------------------------------------------------------------
 
-    def get_blob_bytes(self, endpoint: Endpoint, repository: str, digest: str) -> bytes:
+    def get_blob_bytes(self, endpoint: Endpoint, repository: str, digest: Digest) -> bytes:
         """A small blob (a config), verified."""
         response = self.send(
             endpoint, repository, "GET", f"/v2/{repository}/blobs/{digest}", stream=True
@@ -547,10 +541,8 @@ class RegistryClient:
             data = self._read_limited(response, f"registry {endpoint}: blob {digest}")
         finally:
             response.close()
-        algorithm = digest.partition(":")[0]
-        actual = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-        if actual != digest:
-            raise DigestMismatchError(f"registry {endpoint}: blob {digest}: content is {actual}")
+        digest.verify(data, where=f"registry {endpoint}: blob {digest}",
+                      over=f"the blob ({len(data)} bytes)")  # fmt: skip
         return data
 
     def fetch_blob(
@@ -626,3 +618,17 @@ class RegistryClient:
                         f"{download.size} bytes"
                     )
                 resumes += 1
+
+
+def _declared_digest(response: requests.Response) -> Digest | None:
+    """The sha256 ``Docker-Content-Digest`` a registry declared, if it declared a valid one.
+
+    distribution computes it with sha256; a missing or malformed header says
+    nothing, and the content is hashed by us either way.
+    """
+    value = response.headers.get("Docker-Content-Digest", "")
+    try:
+        declared = Digest(value)
+    except InvalidDigestError:
+        return None
+    return declared if declared.algorithm == "sha256" else None

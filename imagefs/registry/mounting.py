@@ -10,12 +10,12 @@ from the mapped file, like every later mount of the image.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from imagefs.digest import Digest
 from imagefs.errors import DigestMismatchError, ImageFSError
 from imagefs.image import Image, Platform
 from imagefs.progress import Progress
@@ -75,20 +75,19 @@ def load_registry_image(
     return image, load_cached(image, cache_dir=cache_dir, warn=warn, progress=progress)
 
 
-def evict_corrupt_layers(image: Image) -> list[str]:
+def evict_corrupt_layers(image: Image) -> list[Digest]:
     """Delete cached layer blobs whose content no longer hashes to their digest."""
     evicted = []
     for layer in image.layers:
         digest = layer.descriptor.digest
-        algorithm, _, expected = digest.partition(":")
-        hasher = hashlib.new(algorithm)
+        hasher = digest.hasher()
         try:
             with open(layer.blob.path, "rb") as handle:
                 while chunk := handle.read(1 << 20):
                     hasher.update(chunk)
         except FileNotFoundError:
             continue
-        if hasher.hexdigest() != expected:
+        if hasher.result() != digest:
             Path(layer.blob.path).unlink(missing_ok=True)
             evicted.append(digest)
     return evicted

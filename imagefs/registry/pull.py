@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+from imagefs.digest import Digest
 from imagefs.errors import (
     BlobError,
     DigestMismatchError,
@@ -58,9 +59,9 @@ PARALLEL_DOWNLOADS = 4  # Docker's default is 3; one more keeps a loopback link 
 @dataclass(frozen=True)
 class Resolved:
     reference: Reference  # with the manifest's digest
-    manifest_digest: str
+    manifest_digest: Digest
     manifest: ImageManifest
-    config_digest: str
+    config_digest: Digest
     config: bytes
     platform: Platform | None
 
@@ -107,7 +108,7 @@ class RegistrySource:
 
     # -- manifests ---------------------------------------------------------------
 
-    def _manifest_by_digest(self, ref: Reference, digest: str) -> bytes:
+    def _manifest_by_digest(self, ref: Reference, digest: Digest) -> bytes:
         data = self.store.read(digest)
         if data is not None:
             return data
@@ -119,14 +120,14 @@ class RegistrySource:
         self.store.put(digest, manifest.data)
         return manifest.data
 
-    def _manifest_by_tag(self, ref: Reference, tag: str) -> tuple[str, bytes]:
+    def _manifest_by_tag(self, ref: Reference, tag: str) -> tuple[Digest, bytes]:
         if self.options.offline:
             digest = self.store.tag(ref.repository, tag)
             if digest is None:
                 raise NotCachedError(f"{ref}: tag {tag} was never pulled here (--offline)")
             return digest, self._manifest_by_digest(ref, digest)
 
-        def fetch(endpoint: Endpoint) -> tuple[str, bytes]:
+        def fetch(endpoint: Endpoint) -> tuple[Digest, bytes]:
             # A HEAD costs one round trip and no body: when the tag still points
             # at a cached manifest, that is all a warm mount asks the registry.
             known = self.client.head_manifest(endpoint, ref.path, tag)
@@ -221,7 +222,7 @@ class RegistrySource:
                     download = self.store.begin(desc.digest, desc.size)
                     downloads.add(download, i, len(layers_desc))
                     blob = BlobRange(path, 0, desc.size, feed=download)
-                diff_id = config.diff_ids[i] if config.diff_ids else ""
+                diff_id = config.diff_ids[i] if config.diff_ids else None
                 layers.append(Layer(desc, blob, diff_id))
             downloads.start()
         except BaseException:

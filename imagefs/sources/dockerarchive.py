@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from imagefs.digest import Digest
 from imagefs.errors import (
     BlobMissingError,
     ManifestError,
@@ -36,13 +37,10 @@ from imagefs.image import Descriptor, Image, Layer, Platform
 from imagefs.sources.manifest import (
     DOCKER_LAYER_TAR,
     blob_name,
-    compute_digest,
     expect_object,
     get_list,
     load_json,
     parse_config,
-    parse_digest,
-    verify_digest,
 )
 from imagefs.sources.names import names_match
 from imagefs.sources.ocilayout import (
@@ -132,14 +130,14 @@ def _select(entries: list[ArchiveEntry], ref: str | None, where: str) -> Archive
     )
 
 
-def _path_digest(path: str, where: str) -> str | None:
+def _path_digest(path: str, where: str) -> Digest | None:
     """The digest a manifest.json path names, if it names one."""
     m = _LEGACY_CONFIG_RE.match(path)
     if m:
-        return f"sha256:{m.group(1)}"
+        return Digest(f"sha256:{m.group(1)}")
     m = _BLOB_PATH_RE.match(path)
     if m:
-        return parse_digest(f"{m.group(1)}:{m.group(2)}", f"{where}: {path}")
+        return Digest.parse(f"{m.group(1)}:{m.group(2)}", f"{where}: {path}")
     return None
 
 
@@ -162,8 +160,8 @@ def open_docker_archive(
     config_bytes = read_file(store, entry.config, missing)
     named = _path_digest(entry.config, mwhere)
     if named is not None:
-        verify_digest(config_bytes, named, cwhere, "config")
-    config_digest = named or compute_digest("sha256", config_bytes)
+        named.verify(config_bytes, where=cwhere, over=f"the config ({len(config_bytes)} bytes)")
+    config_digest = named or Digest.of(config_bytes)
     config = parse_config(config_bytes, cwhere)
     if len(config.diff_ids) != len(entry.layers):
         raise ManifestError(
@@ -201,7 +199,7 @@ def open_docker_archive(
     return Image(
         source=source,
         transport="docker-archive",
-        manifest_digest="",
+        manifest_digest=None,
         config_digest=config_digest,
         config=config.raw,
         layers=tuple(layers),

@@ -9,12 +9,11 @@ Docker's Image Manifest V2 Schema 2, which has the same shape.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from imagefs.digest import Digest
 from imagefs.errors import (
     BlobMissingError,
     DigestMismatchError,
@@ -57,46 +56,15 @@ DOCKER_REFERENCE_TYPE = "vnd.docker.reference.type"
 # but deep chains do not).
 MAX_INDEX_DEPTH = 8
 
-# OCI descriptor.md: algorithm and encoded grammar, then the registered
-# algorithms' exact encodings (lower-case hex of the full length).
-_DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
-_HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _UNKNOWN_PLATFORM = Platform("unknown", "unknown")
 
 
 # -- digests ------------------------------------------------------------------
 
 
-def parse_digest(value: object, where: str) -> str:
-    """Check a digest string; only sha256 and sha512 can be verified, so only they pass."""
-    if not isinstance(value, str):
-        raise ManifestError(f"{where}: digest must be a string, not {_typename(value)}")
-    m = _DIGEST_RE.match(value)
-    if m is None:
-        raise ManifestError(f"{where}: malformed digest {value!r}")
-    alg, encoded = m.groups()
-    length = _HEX_LENGTH.get(alg)
-    if length is None:
-        raise ManifestError(f"{where}: unsupported digest algorithm in {value!r}")
-    if len(encoded) != length or not re.fullmatch(r"[0-9a-f]+", encoded):
-        raise ManifestError(f"{where}: malformed {alg} digest {value!r}")
-    return value
-
-
-def blob_name(digest: str) -> str:
+def blob_name(digest: Digest) -> str:
     """OCI image-layout: the blob for ``alg:hex`` is ``blobs/<alg>/<hex>``."""
-    alg, _, encoded = digest.partition(":")
-    return f"blobs/{alg}/{encoded}"
-
-
-def compute_digest(algorithm: str, data: bytes) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def verify_digest(data: bytes, digest: str, where: str, what: str = "content") -> None:
-    actual = compute_digest(digest.partition(":")[0], data)
-    if actual != digest:
-        raise DigestMismatchError(f"{where}: {what} digest is {actual}, expected {digest}")
+    return f"blobs/{digest.algorithm}/{digest.encoded}"
 
 
 # -- JSON and typed fields ----------------------------------------------------
@@ -191,7 +159,7 @@ def parse_descriptor(value: object, where: str) -> Descriptor:
     """An OCI content descriptor: mediaType, digest and size are REQUIRED."""
     obj = expect_object(value, where, "descriptor")
     media_type = require_str(obj, "mediaType", where)
-    digest = parse_digest(obj.get("digest"), where)
+    digest = Digest.parse(obj.get("digest"), where)
     size = _get_int(obj, "size", where)
     if size < 0:
         raise ManifestError(f"{where}: negative size {size}")
@@ -296,7 +264,7 @@ class ImageConfig:
 
     raw: dict[str, Any]
     platform: Platform
-    diff_ids: tuple[str, ...]
+    diff_ids: tuple[Digest, ...]
 
 
 def parse_config(data: bytes, where: str) -> ImageConfig:
@@ -309,7 +277,7 @@ def parse_config(data: bytes, where: str) -> ImageConfig:
     if rootfs_type != "layers":
         raise ManifestError(f"{where}: rootfs.type must be 'layers', not {rootfs_type!r}")
     diff_ids = tuple(
-        parse_digest(d, f"{where}: rootfs.diff_ids[{i}]")
+        Digest.parse(d, f"{where}: rootfs.diff_ids[{i}]")
         for i, d in enumerate(get_list(rootfs, "diff_ids", f"{where}: rootfs"))
     )
     if obj.get("config") is not None:
@@ -342,7 +310,7 @@ def read_blob(store: Store, desc: Descriptor, what: str, where: str) -> bytes:
     rng = locate_blob(store, desc, what, where)
     name = blob_name(desc.digest)
     data = read_range(rng, store.where(name))
-    verify_digest(data, desc.digest, store.where(name), what)
+    desc.digest.verify(data, where=store.where(name), over=f"the {what} ({len(data)} bytes)")
     return data
 
 

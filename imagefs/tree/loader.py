@@ -25,8 +25,8 @@ from imagefs.layers.plumbing import DigestCheck
 from imagefs.layers.reader import (
     Compression,
     LayerData,
-    check_digests_ahead,
     detect_compression,
+    digests_checked_ahead,
     open_layer_data,
     open_layer_stream,
     random_access_cached,
@@ -43,11 +43,6 @@ _PROGRESS_EVERY = 512  # entries between progress updates
 # Makes the tree to serve from the scanned layers (base first); the default is
 # the merged root file system, imagefs.forensics.views makes the --layers tree.
 TreeBuilder = Callable[[Sequence[Sequence[TarEntry]], Callable[[str], None]], Node]
-
-
-def short_digest(digest: str) -> str:
-    algorithm, _, hexdigest = digest.partition(":")
-    return f"{algorithm}:{hexdigest[:12]}"
 
 
 @dataclass
@@ -73,20 +68,22 @@ def scan_layer(
     cache_dir: Path | None = None,
     hasher: DigestCheck | None = None,
     stop: threading.Event | None = None,
+    compression: Compression | None = None,
 ) -> list[TarEntry]:
     """Index one layer's tar headers, verifying its digest (blocking).
 
     With ``cache_dir``, a layer indexed before (by any image) is loaded from
     its cached index instead (see :mod:`imagefs.layers.index`), and a layer
     scanned now is cached for the next image that shares it. ``hasher``:
-    the layer's digest check, if started ahead (layers.reader.check_digests_ahead).
+    the layer's digest check, if started ahead (layers.reader.digests_checked_ahead).
     ``stop``: set when another layer failed; the scan then gives up early.
+    ``compression``: the layer's, if already detected.
     """
     # The scanner compiles its header patterns at import (~30 ms); a mount
     # served from the persisted tree never scans, so load it on first use.
     from imagefs.layers.tarscan import scan_tar  # noqa: PLC0415
 
-    name = short_digest(layer.descriptor.digest)
+    name = layer.descriptor.digest.short()
     task = progress.start(f"layer {index + 1}/{count} {name}")
     cache = str(cache_dir) if cache_dir else None
     entries: list[TarEntry] = []
@@ -105,7 +102,7 @@ def scan_layer(
             else nullcontext()
         )
         with lock:
-            if cache is not None and random_access_cached(layer, cache):
+            if cache is not None and random_access_cached(layer, cache, compression):
                 cached = layer_index.load(cache, layer, hasher)
                 if cached is not None:
                     log.debug("layer %s: entries from its cached index", name)
@@ -117,7 +114,7 @@ def scan_layer(
             log.debug("layer %s: scanning", name)
             # With a cache dir the same pass also leaves the gzip checkpoints or
             # the zstd seekable re-encoding there, so open_layer_data decodes nothing.
-            with open_layer_stream(layer, cache, hasher) as stream:
+            with open_layer_stream(layer, cache, hasher, compression=compression) as stream:
                 for entry in scan_tar(stream, warn_layer):
                     entries.append(entry)
                     if len(entries) % _PROGRESS_EVERY == 0:
@@ -159,14 +156,16 @@ def scan_layers(
     fail stops the others; its error is raised.
     """
     count = len(image.layers)
+    # Each layer's compression is sniffed once here (one open and pread) and
+    # handed down to the hash-ahead, the decode gate and the scan.
+    compressions = [_compression(layer) for layer in image.layers]
     # Layers another image already indexed are verified by layer_index.load.
-    unindexed = [
-        index for index, layer in enumerate(image.layers)
+    ahead = [
+        compression
         if cache_dir is None or not os.path.exists(layer_index.index_path(str(cache_dir), layer))
-    ]  # fmt: skip
-    hashers = dict(
-        zip(unindexed, check_digests_ahead([image.layers[i] for i in unindexed]), strict=True)
-    )
+        else None
+        for layer, compression in zip(image.layers, compressions, strict=True)
+    ]
     stop = threading.Event()
 
     # One local compressed layer decodes at a time: rapidgzip and the zstd
@@ -175,29 +174,28 @@ def scan_layers(
     # still arriving is not gated: it waits on the network, not the CPU.
     decoding = threading.Semaphore(1)
 
-    def scan(index: int) -> list[TarEntry]:
-        if stop.is_set():
-            raise _ScanStoppedError
-        layer, hasher = image.layers[index], hashers.get(index)
-        try:
-            with decoding if _decodes_locally(layer) else nullcontext():
-                return scan_layer(layer, index, count, warn=warn, progress=progress,
-                                  cache_dir=cache_dir, hasher=hasher, stop=stop)  # fmt: skip
-        except BaseException:
-            stop.set()
-            raise
+    with digests_checked_ahead(image.layers, ahead) as hashers:
 
-    workers = min(count, scan_threads())
-    try:
+        def scan(index: int) -> list[TarEntry]:
+            if stop.is_set():
+                raise _ScanStoppedError
+            layer, compression = image.layers[index], compressions[index]
+            local_decode = layer.blob.feed is None and compression not in (None, Compression.NONE)
+            try:
+                with decoding if local_decode else nullcontext():
+                    return scan_layer(layer, index, count, warn=warn, progress=progress,
+                                      cache_dir=cache_dir, hasher=hashers[index], stop=stop,
+                                      compression=compression)  # fmt: skip
+            except BaseException:
+                stop.set()
+                raise
+
+        workers = min(count, scan_threads())
         if workers <= 1:
             return [scan(index) for index in range(count)]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imagefs-scan") as pool:
             futures = [pool.submit(scan, index) for index in range(count)]
             wait(futures)
-    finally:
-        for hasher in hashers.values():
-            if hasher is not None:
-                hasher.cancel()  # a no-op for those whose scan used them
     # The lowest layer's own error, not a "stopped" from a layer it stopped.
     failures = [exc for exc in map(Future.exception, futures) if exc is not None]
     for failure in failures:
@@ -206,12 +204,12 @@ def scan_layers(
     return [future.result() for future in futures]
 
 
-def _decodes_locally(layer: Layer) -> bool:
-    """A compressed layer whose blob is all here: its pass is CPU-bound."""
+def _compression(layer: Layer) -> Compression | None:
+    """The layer's compression, or None if it cannot be told (its scan reports why)."""
     try:
-        return layer.blob.feed is None and detect_compression(layer) is not Compression.NONE
+        return detect_compression(layer)
     except ImageFSError:
-        return False  # scan_layer reports it, naming the layer
+        return None
 
 
 def scan_threads() -> int:
