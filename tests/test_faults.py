@@ -152,7 +152,7 @@ def test_disk_full_local_cache_is_skipped_without_partial_files(
             assert _sha(mnt / "big") == hashlib.sha256(DATA).hexdigest()
         finally:
             run_imagefs("umount", mnt)
-        leftovers = [p.name for p in cache.rglob("*") if ".layerio-tmp-" in p.name]
+        leftovers = [p.name for p in cache.rglob("*") if p.name.endswith(".part")]
         assert leftovers == []
         if compression == "zstd":  # the 5 MB seek file cannot fit
             assert "No space left on device" in result.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from imagefs.cachedir import TAR_INDEX
 from imagefs.errors import DigestMismatchError
 from imagefs.image import Image
 from imagefs.layers import index as layer_index
@@ -146,13 +147,17 @@ def test_corrupt_index_is_rescanned_and_rewritten(tmp_path: Path) -> None:
     assert layer_index.load(str(cache), image.layers[0]) == (scanned, [])
 
 
-def test_index_of_another_schema_is_not_served(tmp_path: Path) -> None:
+def test_index_whose_header_names_another_version_is_not_served(tmp_path: Path) -> None:
+    # The name carries the version; a header that disagrees with it is a
+    # corrupt file, never read as the current format.
     one, _ = two_images_sharing_a_base(tmp_path, "none")
     image = open_image(one)
     cache = tmp_path / "cache"
     scan(image, 0, cache)
     path = Path(layer_index.index_path(str(cache), image.layers[0]))
-    path.write_bytes(path.read_bytes().replace(b'"schema": 1', b'"schema": 9', 1))
+    tag = TAR_INDEX.tag.encode()
+    assert tag in path.read_bytes()
+    path.write_bytes(path.read_bytes().replace(tag, b"tarindex9-scan9", 1))
     assert layer_index.load(str(cache), image.layers[0]) is None
 
 

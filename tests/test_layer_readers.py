@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from imagefs.cachedir import AtomicFile, sweep_temporaries
 from imagefs.digest import Digest, InvalidDigestError
 from imagefs.errors import (
     CompressionError,
@@ -555,7 +556,7 @@ def test_stream_leaves_the_cache_for_open_layer_data(
     cache = tmp_path / "cache"
     assert read_all(layer, str(cache), step=333_333) == TAR
     built = _cache_files(cache)
-    assert len(built) == 1 and not any(n.startswith(".layerio-tmp") for n in built)
+    assert len(built) == 1 and not any(n.endswith(".part") for n in built)
     assert next(iter(built)).startswith(layer.descriptor.digest.replace(":", "-"))
     for _ in range(2):
         # A second pass and two opens reuse the same file: not rebuilt.
@@ -640,7 +641,7 @@ def test_two_builders_at_once(blobs: dict[str, Blob], tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert results == [TAR, TAR]
-    assert [p.name.startswith(".layerio-tmp") for p in Path(cache).iterdir()] == [False]
+    assert [p.name.endswith(".part") for p in Path(cache).iterdir()] == [False]
 
 
 def test_unusable_cache_dir_is_not_fatal(
@@ -660,10 +661,23 @@ def test_unusable_cache_dir_is_not_fatal(
 def test_stale_temporary_files_are_swept(blobs: dict[str, Blob], tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
-    stale, fresh = cache / ".layerio-tmp-dead.part", cache / ".layerio-tmp-live.part"
-    stale.write_bytes(b"x")
-    fresh.write_bytes(b"x")
-    os.utime(stale, (0, 0))
+    # A writer that died leaves an unlocked temporary file; a live one holds
+    # its lock (here: this process, writing another cache file right now).
+    dead = cache / f".sha256-{'0' * 64}.gzidx1.{'1' * 16}.part"
+    dead.write_bytes(b"x")
+    # Older imagefs wrote temporary files without a lock: removed once abandoned.
+    legacy_stale, legacy_fresh = cache / ".layerio-tmp-dead.part", cache / ".tag-live.part"
+    legacy_stale.write_bytes(b"x")
+    legacy_fresh.write_bytes(b"x")
+    os.utime(legacy_stale, (0, 0))
+    live = AtomicFile(cache / "other-file")  # sweeps the directory: its first write here
+    assert not dead.exists() and not legacy_stale.exists()
     blob = blobs["gzip-python"]
     read_all(place(tmp_path, blob.data, OCI_GZIP), str(cache))
-    assert not stale.exists() and fresh.exists()
+    assert Path(live.temporary).exists() and legacy_fresh.exists()
+    live.abort()
+    # cache prune sweeps too, whenever it runs: a writer that dies now leaves
+    # a file the next prune removes.
+    orphan = cache / f".sha256-{'0' * 64}.gzidx1.{'2' * 16}.part"
+    orphan.write_bytes(b"x")
+    assert sweep_temporaries(cache) == (1, 1) and not orphan.exists()

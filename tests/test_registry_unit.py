@@ -187,7 +187,7 @@ def test_blob_store_put_read_and_corruption(tmp_path: Path) -> None:
     store.blob_path(digest).write_bytes(b"HELLO")
     assert store.read(digest) is None  # corrupt: removed, fetched again by the caller
     assert not store.has(digest)
-    assert not list(store.tmp.iterdir())
+    assert not list(store.root.rglob("*.part"))
 
 
 def test_blob_download_streams_to_waiting_readers(tmp_path: Path) -> None:
@@ -240,19 +240,25 @@ def test_failed_download_wakes_readers_and_leaves_nothing(tmp_path: Path) -> Non
         download.wait_for(11)
     download.close()
     assert not store.has(DIGEST)
-    assert not list(store.tmp.iterdir())
+    assert not list(store.root.rglob("*.part"))
 
 
 def test_prune_keeps_live_downloads(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     live = store.begin(DIGEST, 4)
-    dead = store.tmp / "dead.part"
+    # Left by a download whose process died (nobody holds its lock), beside
+    # the blobs and where older imagefs wrote them (tmp/).
+    dead = store.blob_path(DIGEST).with_name(f".{DIGEST.encoded}.{'0' * 16}.part")
     dead.write_bytes(b"x")
+    legacy = tmp_path / "tmp" / "0123456789abcdef.abc.part"
+    legacy.parent.mkdir()
+    legacy.write_bytes(b"y")
     result = store.prune(set())
-    assert result.files == 1
-    assert not dead.exists()
-    assert len(list(store.tmp.iterdir())) == 1
+    assert result.files == 2
+    assert not dead.exists() and not legacy.exists()
+    assert len(list(store.root.rglob("*.part"))) == 1  # the live one
     live.close()
+    assert not list(store.root.rglob("*.part"))
 
 
 # -- client against a scripted server -----------------------------------------------

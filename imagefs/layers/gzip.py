@@ -31,9 +31,10 @@ from typing import Any
 
 import rapidgzip
 
+from imagefs.cachedir import write_atomically
 from imagefs.errors import BlobError, CompressionError, ImageFSError
 from imagefs.image import Layer
-from imagefs.layers.plumbing import BufferedStream, RangeFile, atomic_write
+from imagefs.layers.plumbing import BufferedStream, RangeFile
 
 __all__ = [
     "GZIP_CHUNK_SIZE",
@@ -157,7 +158,7 @@ class GzipStream(BufferedStream):
 def save_index(path: str, index: bytes, size: int) -> None:
     """Cache a gztool index with a header that lets a torn file be detected."""
     header = _INDEX_HEADER.pack(_INDEX_MAGIC, size, len(index), zlib.crc32(index))
-    atomic_write(path, header + index)
+    write_atomically(path, header + index)
 
 
 def load_index(path: str) -> tuple[bytes, int] | None:

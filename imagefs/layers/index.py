@@ -5,7 +5,7 @@ and the merged tree is persisted per image (:mod:`imagefs.tree.persisted`). With
 each layer's own entries, the first mount of a second image would decompress
 and scan the shared layers again. This module keeps the scanner's output for a
 layer beside its gzip checkpoints or zstd seek file, keyed by the layer's
-digest and :data:`INDEX_SCHEMA`.
+digest and its version (:data:`imagefs.cachedir.TAR_INDEX`).
 
 The entries are correct for the content the digest names, so serving them
 for a blob is only right if that blob has that digest. A reuse therefore
@@ -18,7 +18,7 @@ File layout (little-endian)::
 
     magic "IMGFS-LX" | u32 header length | header (JSON) | zstd(records)
 
-The header holds the schema, digest, source identity, entry count, the
+The header holds the version tag, digest, source identity, entry count, the
 scan's warnings (replayed on reuse, so a reused layer reports what a scan
 would), and the records' length and CRC32. A file that fails any check is
 ignored and rebuilt, never served.
@@ -36,15 +36,13 @@ from typing import Any
 
 import zstandard
 
+from imagefs.cachedir import TAR_INDEX, AtomicFile
 from imagefs.image import Layer
 from imagefs.layers.entry import EntryType, TarEntry
-from imagefs.layers.plumbing import AtomicFile, DigestCheck, cache_path, check_blob, digest_check
+from imagefs.layers.plumbing import DigestCheck, cache_path, check_blob, digest_check
 
 log = logging.getLogger(__name__)
 
-# Bump when the scanner changes what it reports for the same tar bytes, so
-# indexes written by older code are rebuilt rather than served.
-INDEX_SCHEMA = 1
 _MAGIC = b"IMGFS-LX"
 _HEADER_LENGTH = struct.Struct("<I")
 # type, mode, uid, gid, size, mtime_ns, devmajor, devminor, data_offset,
@@ -62,7 +60,7 @@ class _UnrepresentableError(Exception):
 
 
 def index_path(cache_dir: str, layer: Layer) -> str:
-    return cache_path(cache_dir, layer, f"tarindex-v{INDEX_SCHEMA}")
+    return cache_path(cache_dir, layer, TAR_INDEX)
 
 
 def blob_identity(layer: Layer) -> list[int]:
@@ -97,7 +95,7 @@ def save(
         identity = blob_identity(layer) if layer.blob.feed is None else None
         header = json.dumps(
             {
-                "schema": INDEX_SCHEMA,
+                "version": TAR_INDEX.tag,
                 "digest": layer.descriptor.digest,
                 "identity": identity,
                 "entries": len(entries),
@@ -107,14 +105,9 @@ def save(
             }
         ).encode()
         body = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(records)
-        out = AtomicFile(index_path(cache_dir, layer))
-        try:
+        with AtomicFile(index_path(cache_dir, layer)) as out:
             out.file.write(_MAGIC + _HEADER_LENGTH.pack(len(header)) + header)
             out.file.write(body)
-            out.commit()
-        except BaseException:
-            out.abort()
-            raise
     except OSError as exc:
         log.warning("layer %s: cannot cache its index: %s", layer.descriptor.digest, exc)
 
@@ -175,8 +168,8 @@ def _decode_file(data: bytes, layer: Layer) -> tuple[dict[str, Any], bytes]:
     header = json.loads(data[start : start + length])
     if not isinstance(header, dict):
         raise ValueError("header is not an object")
-    if header["schema"] != INDEX_SCHEMA or header["digest"] != layer.descriptor.digest:
-        raise ValueError("index of another layer or schema")
+    if header["version"] != TAR_INDEX.tag or header["digest"] != layer.descriptor.digest:
+        raise ValueError("index of another layer or version")
     records = zstandard.ZstdDecompressor().decompress(
         data[start + length :], max_output_size=header["records"]
     )

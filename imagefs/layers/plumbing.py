@@ -1,35 +1,31 @@
 """Plumbing shared by the :mod:`imagefs.layers.reader` readers.
 
 Blob byte ranges as files, digest checking in a background thread, and cache
-file naming and atomic replacement. Nothing here knows about compression.
+file naming (publishing and versions are imagefs.cachedir's). Nothing here
+knows about compression.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
+from imagefs.cachedir import FormatVersion
 from imagefs.digest import Digest, check
 from imagefs.errors import BlobError, CompressionError, DigestMismatchError, ImageFSError
 from imagefs.image import BlobFeed, Layer
 
 __all__ = [
-    "CACHE_SCHEMA",
-    "TMP_PREFIX",
-    "AtomicFile",
     "BlobHasher",
     "BufferedStream",
     "DigestCheck",
     "DownloadCheck",
     "InUse",
     "RangeFile",
-    "atomic_write",
     "blob_bytes",
     "cache_path",
     "check_blob",
@@ -37,15 +33,6 @@ __all__ = [
     "expansion_limit",
     "pread_exact",
 ]
-
-TMP_PREFIX = ".layerio-tmp-"  # files being written; renamed when complete
-# A temporary file untouched this long was left by a process that died
-# (a live builder writes every few milliseconds).
-_STALE_TMP_SECONDS = 3600
-
-# Bumped whenever a cache file format written by imagefs.layers changes; it is part
-# of every cache file name, so old files are simply never looked at again.
-CACHE_SCHEMA = 1
 
 # Decompression bombs: a compressed layer may decode to at most
 # max(EXPANSION_FLOOR, MAX_EXPANSION x its compressed size) bytes, else the
@@ -298,73 +285,14 @@ class RangeFile:
         pass  # the descriptor belongs to whoever made this object
 
 
-def cache_path(cache_dir: str, layer: Layer, suffix: str) -> str:
-    """Where the cache file of kind ``suffix`` for ``layer`` lives (keyed by digest)."""
-    digest = layer.descriptor.digest
-    return os.path.join(
-        cache_dir, f"{digest.algorithm}-{digest.encoded}.layerio-v{CACHE_SCHEMA}.{suffix}"
-    )
+def cache_path(cache_dir: str, layer: Layer, version: FormatVersion) -> str:
+    """Where ``layer``'s cache file of kind ``version`` lives: ``<alg>-<hex>.<version tag>``.
 
-
-def _sweep_stale(directory: str) -> None:
-    """Remove temporary files that crashed builders left behind (they can be GBs)."""
-    now = time.time()
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(TMP_PREFIX) and name.endswith(".part"):
-            path = os.path.join(directory, name)
-            try:
-                if now - os.stat(path).st_mtime > _STALE_TMP_SECONDS:
-                    os.unlink(path)
-            except OSError:
-                pass  # raced with its owner or another sweeper
-
-
-class AtomicFile:
-    """A file that appears at ``path`` only when complete: written beside it, then renamed.
-
-    Two mounts may build the same cache file at once; each renames its own
-    complete file into place, so a reader only ever sees one whole file. No
-    fsync: every cache file carries checksums that are checked when it is
-    used, and a torn file is rebuilt, which is cheaper than syncing hundreds
-    of MB on every first mount.
+    Keyed by the layer's digest, so images sharing a layer share the file;
+    the tag makes files of other versions other names (imagefs.cachedir).
     """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        _sweep_stale(directory)
-        fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".part")
-        self.file: BinaryIO = os.fdopen(fd, "wb")
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self._tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self.file.close()
-        except OSError:
-            pass  # flushing what was buffered failed (disk full): it goes anyway
-        try:
-            os.unlink(self._tmp)
-        except OSError:
-            pass
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Replace ``path`` by a file holding ``data``, atomically (see AtomicFile)."""
-    out = AtomicFile(path)
-    try:
-        out.file.write(data)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+    digest = layer.descriptor.digest
+    return os.path.join(cache_dir, f"{digest.algorithm}-{digest.encoded}.{version.tag}")
 
 
 class InUse:

@@ -100,6 +100,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from imagefs.cachedir import GZIP_INDEX, ZSTD_SEEK
 from imagefs.errors import (
     BlobError,
     BlobMissingError,
@@ -456,11 +457,11 @@ def open_layer_stream(
     if cache_dir is not None and not _usable_cache_dir(cache_dir):
         cache_dir = None
     if cache_dir is not None and compression is Compression.GZIP:
-        path = cache_path(cache_dir, layer, "gzidx")
+        path = cache_path(cache_dir, layer, GZIP_INDEX)
         if load_index(path) is None:
             gzip_index_path = path
     elif cache_dir is not None and compression is Compression.ZSTD:
-        path = cache_path(cache_dir, layer, "zseek")
+        path = cache_path(cache_dir, layer, ZSTD_SEEK)
         cached = ZstdLayerData.open(layer, path)
         if cached is None:
             seek_path = path
@@ -536,7 +537,7 @@ def random_access_cached(
     compression = compression or detect_compression(layer)
     if compression is Compression.NONE:
         return True
-    kind = "gzidx" if compression is Compression.GZIP else "zseek"
+    kind = GZIP_INDEX if compression is Compression.GZIP else ZSTD_SEEK
     return os.path.exists(cache_path(cache_dir, layer, kind))
 
 
@@ -574,7 +575,7 @@ def open_layer_data(
     if cache_dir is not None and not _usable_cache_dir(cache_dir):
         cache_dir = None
     if compression is Compression.GZIP:
-        path = cache_path(cache_dir, layer, "gzidx") if cache_dir is not None else None
+        path = cache_path(cache_dir, layer, GZIP_INDEX) if cache_dir is not None else None
         loaded = load_index(path) if path is not None else None
         if loaded is None:
             result = _PassResult()
@@ -586,7 +587,7 @@ def open_layer_data(
             assert loaded is not None
         return GzipLayerData(layer, *loaded)
     if cache_dir is not None:
-        path = cache_path(cache_dir, layer, "zseek")
+        path = cache_path(cache_dir, layer, ZSTD_SEEK)
         data = ZstdLayerData.open(layer, path)
         if data is None:
             with _layer_pass(layer, compression, seek_path=path):

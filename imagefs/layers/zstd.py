@@ -40,9 +40,10 @@ from typing import IO, cast
 
 import zstandard
 
+from imagefs.cachedir import AtomicFile
 from imagefs.errors import BlobError, CompressionError, ImageFSError
 from imagefs.image import Layer
-from imagefs.layers.plumbing import AtomicFile, BufferedStream, InUse, pread_exact
+from imagefs.layers.plumbing import BufferedStream, InUse, pread_exact
 
 __all__ = [
     "IN_PLACE_MAX",

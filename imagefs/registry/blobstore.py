@@ -4,19 +4,19 @@ Layout under the cache directory (the same one :mod:`imagefs.layers.reader` keep
 its gzip indexes and zstd seek files in)::
 
     blobs/sha256/<hex>                 a blob, named by its digest, complete and verified
+    blobs/sha256/.<hex>.<random>.part  a download in progress, flock()ed by its writer
     refs/<registry>/<repo>/_tags/<tag> the manifest digest the tag last resolved to
-    tmp/<hex16>.<random>.part          downloads in progress, each flock()ed by its writer
 
 A cached layer is a plain file, so it is served as ``BlobRange(path, 0, size)``
 and nothing downstream knows it came from a registry.
 
-Concurrency: every writer has its own temporary file (``mkstemp``: O_EXCL,
-random name) and renames it into place only once size and digest are
-verified, so a reader sees a whole, correct blob or none. Two mounts
-downloading the same blob both succeed; the second rename replaces an
-identical file, and a reader holding the first keeps its inode. ``prune``
-skips temporary files whose writer still holds the lock. ``_tags`` cannot
-clash with a repository path component: those start with ``[a-z0-9]``
+Concurrency: every writer has its own temporary file
+(:class:`imagefs.cachedir.AtomicFile`) and renames it into place only once
+size and digest are verified, so a reader sees a whole, correct blob or
+none. Two mounts downloading the same blob both succeed; the second rename
+replaces an identical file, and a reader holding the first keeps its inode.
+``prune`` skips temporary files whose writer still holds the lock. ``_tags``
+cannot clash with a repository path component: those start with ``[a-z0-9]``
 (distribution reference grammar).
 """
 
@@ -27,11 +27,12 @@ import errno
 import fcntl
 import logging
 import os
-import tempfile
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagefs.cachedir import FORMATS, AtomicFile, sweep_temporaries, write_atomically
 from imagefs.digest import ALGORITHMS, Digest, InvalidDigestError
 from imagefs.errors import BlobError, DigestMismatchError, ImageFSError
 from imagefs.tree.packed import tree_layers
@@ -39,6 +40,8 @@ from imagefs.tree.packed import tree_layers
 log = logging.getLogger(__name__)
 
 _TAGS = "_tags"
+# A layer's cache file (layers.plumbing.cache_path), or its build lock.
+_LAYER_FILE_RE = re.compile(r"^(sha256|sha512)-([0-9a-f]+)\.(.+?)(\.lock)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +63,10 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.blobs = root / "blobs"
-        self.tmp = root / "tmp"
         self.refs = root / "refs"
+        # Where downloads were written before they moved beside their blobs;
+        # only pruned now.
+        self._legacy_tmp = root / "tmp"
 
     # -- blobs -----------------------------------------------------------------
 
@@ -128,17 +133,9 @@ class BlobStore:
             return None
 
     def set_tag(self, repository: str, tag: str, digest: Digest) -> None:
-        path = self._tag_path(repository, tag)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tag-", suffix=".part")
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as out:
-                out.write(digest + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # Not durable: a tag file lost in a crash only means asking the
+        # registry again; a torn one does not parse as a digest.
+        write_atomically(self._tag_path(repository, tag), f"{digest}\n".encode("ascii"))
 
     def tags(self) -> list[TagEntry]:
         entries: list[TagEntry] = []
@@ -190,19 +187,27 @@ class BlobStore:
             with contextlib.suppress(FileNotFoundError):
                 self.blob_path(digest).unlink()
                 files, size = files + 1, size + blob_size
-        # Layer cache files: "<alg>-<hex>.layerio-v<N>.<kind>" (layers.plumbing.cache_path).
-        kept_prefixes = {d.replace(":", "-", 1) for d in keep}
+        # Layer cache files ("<alg>-<hex>.<version tag>", layers.plumbing.cache_path)
+        # of layers no longer kept, or of a version this imagefs never reads.
+        current = {version.tag for version in FORMATS}
         if self.root.is_dir():
             for entry in os.scandir(self.root):
-                name = entry.name
-                prefix, sep, _ = name.partition(".layerio-")
-                if sep and entry.is_file() and prefix not in kept_prefixes:
-                    with contextlib.suppress(FileNotFoundError):
-                        entry_size = entry.stat().st_size
-                        os.unlink(entry.path)
-                        files, size = files + 1, size + entry_size
-        if self.tmp.is_dir():
-            for entry in os.scandir(self.tmp):
+                m = _LAYER_FILE_RE.match(entry.name)
+                if m is None or not entry.is_file(follow_symlinks=False):
+                    continue
+                owner = f"{m.group(1)}:{m.group(2)}"
+                if owner in keep and m.group(3) in current:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    entry_size = entry.stat().st_size
+                    os.unlink(entry.path)
+                    files, size = files + 1, size + entry_size
+        # Temporary files no live writer holds, anywhere in the cache.
+        for directory, _, _ in os.walk(self.root):
+            swept, swept_size = sweep_temporaries(directory)
+            files, size = files + swept, size + swept_size
+        if self._legacy_tmp.is_dir():
+            for entry in os.scandir(self._legacy_tmp):
                 removed = _remove_if_unlocked(entry.path)
                 if removed is not None:
                     files, size = files + 1, size + removed
@@ -256,33 +261,38 @@ class BlobDownload:
 
     The writer appends with :meth:`write` (hashing on the way), may be
     interrupted and resumed at :attr:`written`, and ends with :meth:`commit`
-    (size and digest verified, then renamed into place) or :meth:`fail`.
-    Readers get descriptors from :meth:`open_fd` (the same inode before and
-    after the rename) and call :meth:`wait_for` before reading: it blocks
-    until the bytes exist and raises the download's error if it failed.
-    The temporary file is sized up front so that size checks made before
-    reading (``layers.plumbing.check_blob``) see the whole blob.
+    (size and digest verified, then synced and renamed into place) or
+    :meth:`fail`. Readers get descriptors from :meth:`open_fd` (the same
+    inode before and after the rename) and call :meth:`wait_for` before
+    reading: it blocks until the bytes exist and raises the download's error
+    if it failed. The temporary file is sized up front so that size checks
+    made before reading (``layers.plumbing.check_blob``) see the whole blob.
+
+    Thread safety: ``write`` and ``commit`` run on the download's worker
+    thread while ``fail``/``close`` may come from another (``Downloads.close``
+    on Ctrl-C, or another layer failing). Every use of the descriptors holds
+    ``_files``: closing a descriptor that another thread is about to
+    ``pwrite`` into would let that write land in whatever file the process
+    opens next under the same number (issue #15, the download race).
     """
 
     def __init__(self, store: BlobStore, digest: Digest, size: int) -> None:
         self.digest = digest
         self.size = size
         self.path = store.blob_path(digest)
-        store.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, self._tmp = tempfile.mkstemp(
-            dir=store.tmp, prefix=digest.encoded[:16] + ".", suffix=".part"
-        )
-        self._fd: int | None = fd
+        # Durable: a layer blob is served by its file identity without being
+        # hashed again, so after a crash it must be whole or absent.
+        self._out: AtomicFile | None = AtomicFile(self.path, durable=True)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # tells prune this file is alive
-            os.ftruncate(fd, size)
-            self._read_fd: int | None = os.open(self._tmp, os.O_RDONLY | os.O_CLOEXEC)
+            os.ftruncate(self._out.fd, size)
+            self._read_fd: int | None = os.open(
+                self._out.temporary, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
         except BaseException:
-            os.close(fd)
-            os.unlink(self._tmp)
+            self._out.abort()
             raise
         self._hash = digest.hasher()
+        self._files = threading.RLock()
         self._cond = threading.Condition()
         self._written = 0
         self._error: ImageFSError | None = None
@@ -294,38 +304,42 @@ class BlobDownload:
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data`` (blocking). DigestMismatchError if it runs past ``size``."""
-        if self._fd is None:
-            raise BlobError(f"blob {self.digest}: write after the download ended")
-        if self._written + len(data) > self.size:
-            raise DigestMismatchError(
-                f"blob {self.digest}: the registry sent more than the {self.size} bytes "
-                "the manifest declares"
-            )
-        view = memoryview(data)
-        pos = self._written
-        while view:
-            count = os.pwrite(self._fd, view, pos)
-            view, pos = view[count:], pos + count
-        self._hash.update(data)
+        with self._files:
+            if self._out is None:
+                raise BlobError(f"blob {self.digest}: write after the download ended")
+            if self._written + len(data) > self.size:
+                raise DigestMismatchError(
+                    f"blob {self.digest}: the registry sent more than the {self.size} bytes "
+                    "the manifest declares"
+                )
+            view = memoryview(data)
+            pos = self._written
+            while view:
+                count = os.pwrite(self._out.fd, view, pos)
+                view, pos = view[count:], pos + count
+            self._hash.update(data)
         with self._cond:
             self._written = pos
             self._cond.notify_all()
 
     def commit(self) -> None:
-        """Verify size and digest, then publish the blob (atomic rename)."""
-        if self._written != self.size:
-            raise DigestMismatchError(
-                f"blob {self.digest}: got {self._written} bytes, the manifest declares {self.size}"
-            )
-        try:
-            self._hash.verify(where=f"blob {self.digest}", over=f"the download ({self.size} bytes)")
-        except DigestMismatchError as error:
-            self.fail(error)
-            raise
-        assert self._fd is not None
-        os.replace(self._tmp, self.path)
-        os.close(self._fd)  # releases the lock only once the name is gone from tmp/
-        self._fd = None
+        """Verify size and digest, then publish the blob (fsync, atomic rename)."""
+        with self._files:
+            if self._out is None:
+                raise BlobError(f"blob {self.digest}: commit after the download ended")
+            if self._written != self.size:
+                raise DigestMismatchError(
+                    f"blob {self.digest}: got {self._written} bytes, the manifest declares "
+                    f"{self.size}"
+                )
+            try:
+                self._hash.verify(where=f"blob {self.digest}",
+                                  over=f"the download ({self.size} bytes)")  # fmt: skip
+            except DigestMismatchError as error:
+                self.fail(error)
+                raise
+            out, self._out = self._out, None
+            out.commit()  # releases the writer's lock only once the name is in place
         with self._cond:
             self.done = True
             self._cond.notify_all()
@@ -337,25 +351,26 @@ class BlobDownload:
                 return
             self._error = error
             self._cond.notify_all()
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._tmp)
-            os.close(self._fd)
-            self._fd = None
+        with self._files:  # waits for a write in progress on another thread
+            if self._out is not None:
+                self._out.abort()
+                self._out = None
 
     def close(self) -> None:
         """Release the descriptors (a download not committed is cancelled)."""
         self.fail(DownloadCancelledError(f"blob {self.digest}: download cancelled"))
-        if self._read_fd is not None:
-            os.close(self._read_fd)
-            self._read_fd = None
+        with self._files:
+            if self._read_fd is not None:
+                os.close(self._read_fd)
+                self._read_fd = None
 
     # -- BlobFeed ----------------------------------------------------------------
 
     def open_fd(self) -> int:
-        if self._read_fd is None:
-            raise BlobError(f"blob {self.digest}: download closed")
-        return os.dup(self._read_fd)
+        with self._files:
+            if self._read_fd is None:
+                raise BlobError(f"blob {self.digest}: download closed")
+            return os.dup(self._read_fd)
 
     def wait_verified(self) -> None:
         # commit() hashed every byte as it was written; a layer pass reading

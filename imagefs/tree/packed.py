@@ -6,7 +6,7 @@ object per entry: records are unpacked from the mapping on demand, so a
 lookup costs the same for 2 layers or 100, and memory stays with the kernel's
 page cache instead of the daemon's heap.
 
-File layout (little endian), version :data:`FORMAT_VERSION`::
+File layout (little endian), version ``imagefs.cachedir.TREE.number``::
 
     header   magic, version, counts, section offsets, CRC-32 of the body
     sources  JSON: what the tree was built from (layer digests and, for local
@@ -31,12 +31,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
+from imagefs.cachedir import TREE, AtomicFile
 from imagefs.layers.entry import EntryType
 from imagefs.tree.merged import ROOT_INO, Inode, MergedTree, Stat
 from imagefs.tree.overlay import Node
 
 MAGIC = b"IMGFSTRE"
-FORMAT_VERSION = 1
 
 # magic, version, inode count, dirent count, total file size, sources offset,
 # sources length, inodes offset, dirents offset, pool offset, body CRC-32
@@ -223,25 +223,15 @@ def _write_file(
     pool_offset = dirents_offset + len(dirents)
     crc = zlib.crc32(pool.data, zlib.crc32(dirents, zlib.crc32(inodes, zlib.crc32(sources_blob))))
     header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, inode_count, dirent_count, total_size,
+        MAGIC, TREE.number, inode_count, dirent_count, total_size,
         sources_offset, len(sources_blob), inodes_offset, dirents_offset, pool_offset, crc,
     )  # fmt: skip
-    # Explicit modes, whatever the umask: a tree another local user could
-    # replace would be served by the next mount (SECURITY.md). O_EXCL and
-    # O_NOFOLLOW: never write through a planted symlink.
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)  # left by a killed process with our pid
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        with os.fdopen(os.open(temporary, flags, 0o644), "wb") as handle:
-            for part in (header, sources_blob, inodes, dirents, pool.data):
-                handle.write(part)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    # Not durable: the body's CRC is checked on every open, and a torn tree
+    # is rebuilt. AtomicFile's explicit mode: a tree another local user could
+    # replace would be served by the next mount (SECURITY.md).
+    with AtomicFile(path, mode=0o644) as out:
+        for part in (header, sources_blob, inodes, dirents, pool.data):
+            out.file.write(part)
 
 
 class PackedTree(MergedTree):
@@ -379,11 +369,13 @@ def tree_layers(path: Path) -> list[str] | None:
             if len(head) < _HEADER.size:
                 return None
             magic, version, _, _, _, sources_offset, sources_len, *_ = _HEADER.unpack(head)
-            if magic != MAGIC or version != FORMAT_VERSION:
+            if magic != MAGIC or version != TREE.number:
                 return None
             handle.seek(sources_offset)
             stored = json.loads(handle.read(sources_len))
         layers = stored["layers"]
+        if stored["version"] != TREE.tag:
+            return None  # built by other merge rules, scanner or encoding: never read
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(layers, list) or not all(isinstance(d, str) for d in layers):
@@ -403,7 +395,7 @@ def open_packed_tree(path: Path, sources: dict[str, Any]) -> PackedTree | None:
         return None
     header = _HEADER.unpack_from(mapping, 0)
     magic, version, _, _, _, sources_offset, sources_len, *_, crc = header
-    valid = magic == MAGIC and version == FORMAT_VERSION and _body_crc(path) == crc
+    valid = magic == MAGIC and version == TREE.number and _body_crc(path) == crc
     if valid:
         try:
             stored = json.loads(mapping[sources_offset : sources_offset + sources_len])

@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from imagefs.cachedir import build_lock
+from imagefs.cachedir import TREE, build_lock
 from imagefs.errors import ImageFSError
 from imagefs.image import Image
 from imagefs.layers.index import blob_identity
@@ -34,10 +34,6 @@ from imagefs.tree.overlay import merge_layers
 from imagefs.tree.packed import PackedTree, open_packed_tree, write_packed_root
 
 log = logging.getLogger(__name__)
-
-# Bump when the merge rules or the scanner change what a tree contains, so
-# trees built by older code are rebuilt rather than served.
-TREE_SCHEMA = 1
 
 
 def tree_sources(image: Image) -> dict[str, Any]:
@@ -51,7 +47,7 @@ def tree_sources(image: Image) -> dict[str, Any]:
     """
     blobs = [[layer.blob.path, *blob_identity(layer)] for layer in image.layers]
     return {
-        "schema": TREE_SCHEMA,
+        "version": TREE.tag,
         "layers": [layer.descriptor.digest for layer in image.layers],
         "blobs": blobs,
     }
@@ -59,7 +55,9 @@ def tree_sources(image: Image) -> dict[str, Any]:
 
 def tree_path(cache_dir: Path, image: Image) -> Path:
     chain = "\n".join(layer.descriptor.digest for layer in image.layers)
-    key = hashlib.sha256(f"v{TREE_SCHEMA}\n{chain}".encode()).hexdigest()
+    # The version tag is part of the key: a tree of other merge rules, scanner
+    # or encoding has another name and is never opened (imagefs.cachedir).
+    key = hashlib.sha256(f"{TREE.tag}\n{chain}".encode()).hexdigest()
     return cache_dir / "trees" / f"{key}.tree"
 
 
