@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from imagefs.cachedir import GZIP_INDEX, ZSTD_SEEK
 from imagefs.errors import RegistryUnavailableError
 from imagefs.registry.auth import CredentialStore
 from imagefs.registry.client import Endpoint, RegistryClient, TransportOptions
@@ -114,10 +115,11 @@ def test_corrupt_layer_cache_files_are_rebuilt(
     cache = tmp_path / "cache"
     with mounted(layout, tmp_path / "mnt", cache=cache):
         pass
-    suffix = "gzidx" if compression == "gzip" else "zseek"
-    files = list(cache.glob(f"*.{suffix}"))
+    kind = GZIP_INDEX if compression == "gzip" else ZSTD_SEEK
+    files = list(cache.glob(f"*.{kind.tag}"))
     assert len(files) == 1
-    size = files[0].stat().st_size
+    good = files[0].read_bytes()
+    size = len(good)
     if damage == "garbage":
         files[0].write_bytes(random.Random(1).randbytes(size))
     elif damage == "truncated":
@@ -128,9 +130,14 @@ def test_corrupt_layer_cache_files_are_rebuilt(
     # mount (test_persisted_tree covers a corrupt tree).
     for tree in (cache / "trees").iterdir():
         tree.unlink()
+    damaged = files[0].stat().st_ino
     with mounted(layout, tmp_path / "mnt", cache=cache) as mnt:
         assert _sha(mnt / "big") == hashlib.sha256(DATA).hexdigest()
         assert (mnt / "small").read_bytes() == b"hi\n"
+    # Rebuilt, not just worked around: a new file (published by a rename,
+    # so another inode) holding what the first mount wrote.
+    assert files[0].stat().st_ino != damaged
+    assert files[0].read_bytes() == good
 
 
 # ------------------------------------------------------------------ disk full

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 from imagefs.digest import Digest
@@ -13,6 +14,7 @@ from imagefs.layers.reader import open_layer_data
 from imagefs.tree.content import ContentReader
 from imagefs.tree.overlay import Node
 from tests import builder
+from tests.needs import require_tools
 
 MEDIA = "application/vnd.oci.image.layer.v1.tar"
 
@@ -45,20 +47,38 @@ def test_cached_reads_equal_blocking_reads_or_decline(tmp_path: Path) -> None:
         reader.close()
 
 
+def _resident_pages(path: str) -> int:
+    """How many of the file's pages the page cache holds (util-linux fincore, mincore(2))."""
+    out = subprocess.run(
+        ["fincore", "--raw", "--noheadings", "--output", "PAGES", path],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return int(out.split()[0])
+
+
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _resident_pages(path) == 0, "the page cache kept the file: the test proves nothing"
+
+
 def test_evicted_pages_are_declined_not_misread(tmp_path: Path) -> None:
+    require_tools("fincore")
     data = os.urandom(1 << 20)
     layer = plain_layer(tmp_path, data)
     reader = open_layer_data(layer, None)
     try:
-        fd = os.open(layer.blob.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        cached = reader.pread_cached(0, 65536)  # type: ignore[attr-defined]
-        assert cached is None or cached == data[:65536]
+        _evict(layer.blob.path)
+        # Not in the page cache: RWF_NOWAIT must decline (the loop must not
+        # block on the disk), never answer with anything else.
+        assert reader.pread_cached(0, 65536) is None  # type: ignore[attr-defined]
         assert reader.pread(0, 65536) == data[:65536]
+        # The blocking read brought the pages in: now they are answered.
+        assert reader.pread_cached(0, 65536) == data[:65536]  # type: ignore[attr-defined]
     finally:
         reader.close()
 
@@ -70,7 +90,9 @@ def test_content_reader_uses_the_cache_only_for_plain_contiguous_files(tmp_path:
     try:
         content = ContentReader([reader], [layer.descriptor.digest])
         plain = Node(EntryType.FILE, 0o644, 0, 0, 0, 0, size=5000, data_offset=1000)
-        assert content.read_cached(plain, 10, 100) in (None, data[1010:1110])
+        assert reader.pread(0, len(data)) == data  # the pages are resident now
+        answered = content.read_cached(plain, 10, 100)
+        assert answered is not None and bytes(answered) == data[1010:1110]
         assert content.read_cached(plain, 5000, 10) is None  # at the end: the normal path
         sparse = Node(EntryType.FILE, 0o644, 0, 0, 0, 0, size=5000, data_offset=0,
                       sparse=((0, 10),))  # fmt: skip
