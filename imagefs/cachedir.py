@@ -285,7 +285,8 @@ class FormatVersion:
 
 
 # What the tar scanner reports for the same tar bytes (imagefs.layers.tarscan).
-SCANNER = FormatVersion("scan", 1)
+# 2: symlinks report mode 0777, as lstat(2) does, not the header's.
+SCANNER = FormatVersion("scan", 2)
 # The OCI overlay rules: which nodes a set of layers makes (imagefs.tree.overlay).
 MERGE = FormatVersion("merge", 1)
 # A layer's cached entries (imagefs.layers.index): the scanner's output, encoded.

@@ -189,10 +189,14 @@ def test_file_modes_survive_through_the_kernel(tmp_path: Path) -> None:
             directory("sticky", mode=0o1777),
             Member("fifo", "fifo"),
             Member("blk", "block", devmajor=8, devminor=1),
+            # Bazel writes symlinks with mode 0755; Linux shows every symlink as 0777.
+            symlink("bazel-link", "suid", mode=0o755),
         ]
     )
     layout = builder.write_oci_layout(tmp_path / "l", [layer], compression="none", tag="t")
     with mounted(f"oci:{layout}:t", tmp_path / "mnt") as mnt:
+        assert stat.S_IMODE(os.lstat(mnt / "bazel-link").st_mode) == 0o777
+        assert os.readlink(mnt / "bazel-link") == "suid"
         assert stat.S_IMODE(os.lstat(mnt / "suid").st_mode) == 0o4755
         assert stat.S_IMODE(os.lstat(mnt / "sgid").st_mode) == 0o2711
         assert stat.S_IMODE(os.lstat(mnt / "sticky").st_mode) == 0o1777

@@ -587,8 +587,10 @@ class _Scanner:
         self.globals: dict[bytes, bytes] = {}
         self.globals_bytes = 0
         self.globals_special = False  # global records include xattrs
-        # Set by skip_data(): the member whose last data byte comes with the next header.
+        # Set by skip_data(): the member whose last data byte comes with the next
+        # header, and how much of what was skipped for it is padding.
         self.tail: str | None = None
+        self.tail_padding = 0
         # Decoded user and group names, shared between entries (saves memory).
         self.names: dict[bytes, str] = {}
 
@@ -603,12 +605,14 @@ class _Scanner:
         names = self.names
         entry = _new_entry
         directory = EntryType.DIRECTORY
+        symlink = EntryType.SYMLINK
         ns = NS
         pos = self.pos
         pax_pending = False  # pax 'x' or 'g' values apply: the general path builds the entry
         long_pending = False  # only GNU long names apply: the fast path can still build it
         tail: str | None = None  # the member whose last data byte is read with the header
         tail_at = 0
+        tail_padding = 0  # how many of the bytes skipped for it were padding
         while True:
             header_at = pos
             if tail is None:
@@ -616,10 +620,8 @@ class _Scanner:
             else:
                 block = read(BLOCK + 1)
                 if not block:
-                    raise TarFormatError(
-                        f"tar member {tail!r} (header at offset {tail_at}): truncated data, "
-                        f"the stream ends before offset {pos}"
-                    )
+                    self.cut_in_tail(tail, tail_at, pos, tail_padding)
+                    return
                 block = block[1:]
                 tail = None
             if len(block) != BLOCK:
@@ -672,7 +674,10 @@ class _Scanner:
                     yield entry(
                         path,
                         etype,
-                        int(mode, 8) & 0o7777,
+                        # lstat(2) of any symlink on Linux gives 0777 (and so do
+                        # overlayfs and umoci), whatever the header says (Bazel
+                        # writes 0755).
+                        0o777 if etype is symlink else int(mode, 8) & 0o7777,
                         int(uid, 8),
                         int(gid, 8),
                         size_i,
@@ -692,6 +697,7 @@ class _Scanner:
                         pos += padded
                         tail = path
                         tail_at = header_at
+                        tail_padding = padded - size_i
                     continue
             if match is None and block == _ZERO_BLOCK:
                 self.end_marker(header_at)
@@ -702,6 +708,7 @@ class _Scanner:
             pos = self.pos
             tail = self.tail
             tail_at = header_at
+            tail_padding = self.tail_padding
             pax_pending = self.pax is not None or bool(self.globals)
             long_pending = self.long_name is not None or self.long_link is not None
             if result is not None:
@@ -715,6 +722,30 @@ class _Scanner:
             if len(self.names) < 4096:  # hostile input may use a new name every member
                 self.names[raw] = decoded
         return decoded
+
+    def cut_in_tail(self, name: str, header_at: int, next_header: int, padding: int) -> None:
+        """The stream ended after member ``name``'s last header, before the next one.
+
+        If its data is all there and only (some of) its padding is missing,
+        the archive is whole but for the end-of-archive marker: umoci 0.4.7's
+        ``insert`` writes such layers, and umoci, containerd and Go's
+        archive/tar read them. Taken with one warning. Data cut short is an
+        error: the member's bytes are not all there.
+        """
+        data_end = next_header - padding
+        reached = self.stream.tell()
+        if reached >= data_end:
+            self.end(
+                next_header - BLOCK,
+                f"the stream ends inside the padding after member {name!r} "
+                f"({next_header - reached} of {padding} padding bytes missing), "
+                "without an end-of-archive marker",
+            )
+            return
+        raise TarFormatError(
+            f"tar member {name!r} (header at offset {header_at}): truncated data, "
+            f"the stream ends at offset {reached}, before its data ends at {data_end}"
+        )
 
     def end_marker(self, at: int) -> None:
         """A zero block: the end of the archive, whatever follows it.
@@ -865,6 +896,7 @@ class _Scanner:
             self.stream.skip(padded - 1)
             self.pos += padded
             self.tail = name
+            self.tail_padding = padded - size
 
     def member(self, header: _Header, block: bytes, at: int) -> TarEntry:
         """Combine a member header with pending extensions into its TarEntry."""
@@ -932,7 +964,7 @@ class _Scanner:
         return _new_entry(
             path,
             etype,
-            header.mode,
+            0o777 if etype is EntryType.SYMLINK else header.mode,  # as lstat(2) shows it
             uid,
             gid,
             size,
