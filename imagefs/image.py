@@ -93,11 +93,20 @@ class Layer:
     ``docker save`` layers, which have no compressed digest, it is the diff_id:
     the digest of the uncompressed tar, which is what ``blob`` holds).
     ``diff_id`` is the config's ``rootfs.diff_ids`` entry, or None if unknown.
+
+    ``verify_diff_id``: the diff_id is (also) this layer's trust anchor, so
+    the layer's one pass checks it over the *uncompressed* stream as well as
+    the descriptor digest over the blob. That is a ``docker save`` archive's
+    chain (config -> ``rootfs.diff_ids`` -> the uncompressed tars), where a
+    compressed layer (go-containerregistry tarballs: crane, kaniko, ko, jib)
+    has no digest a manifest vouches for. Registries and OCI layouts vouch
+    for the compressed blob through the verified manifest instead.
     """
 
     descriptor: Descriptor
     blob: BlobRange
     diff_id: Digest | None = None
+    verify_diff_id: bool = False
 
 
 @dataclass(frozen=True, slots=True)

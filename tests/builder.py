@@ -621,6 +621,48 @@ def to_docker25_archive(layout: Path, tag: str, dest_tar: Path, name: str = "tes
     return dest_tar
 
 
+def to_ggcr_tarball(
+    layout: Path,
+    tag: str,
+    dest_tar: Path,
+    name: str = "test/img:tag",
+    *,
+    compression: Compression = "gzip",
+    tamper: Callable[[int, bytes], bytes] | None = None,
+) -> Path:
+    """What go-containerregistry's ``tarball.Write`` writes (crane pull, kaniko, ko, jib).
+
+    From ``pkg/v1/tarball/write.go``: the config as ``sha256:<hex>``, each
+    layer *compressed* as ``<hex>.tar.gz`` named by the compressed blob's
+    digest, and a ``manifest.json`` listing them; the config's
+    ``rootfs.diff_ids`` name the uncompressed tars. ``tamper(i, tar)`` may
+    replace layer ``i``'s uncompressed tar before it is compressed (its name
+    then follows the new compressed bytes, as a writer would make it).
+    """
+    manifest = image_manifest(layout, tag)
+    config_bytes = blob_path(layout, manifest["config"]["digest"]).read_bytes()
+    files: list[tuple[str, bytes]] = []
+    layer_names = []
+    for i, layer in enumerate(manifest["layers"]):
+        tar = decompress(blob_path(layout, layer["digest"]).read_bytes())
+        if tamper is not None:
+            tar = tamper(i, tar)
+        blob = compress(tar, compression)
+        suffix = ".tar.gz" if compression == "gzip" else ".tar.zst"
+        layer_names.append(sha256_digest(blob).partition(":")[2] + suffix)
+        files.append((layer_names[-1], blob))
+    config_name = manifest["config"]["digest"]
+    files.append((config_name, config_bytes))
+    entry = {"Config": config_name, "RepoTags": [name], "Layers": layer_names}
+    files.append(("manifest.json", _json_bytes([entry])))
+    with tarfile.open(dest_tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        for member_name, data in files:
+            info = tarfile.TarInfo(member_name)
+            info.size, info.mode = len(data), 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return dest_tar
+
+
 def to_containerd_archive(
     layout: Path,
     tag: str,

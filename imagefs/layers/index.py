@@ -97,6 +97,9 @@ def save(
             {
                 "version": TAR_INDEX.tag,
                 "digest": layer.descriptor.digest,
+                # The diff_id the pass checked over the uncompressed stream,
+                # when it was asked to (Layer.verify_diff_id).
+                "diff_id": layer.diff_id if layer.verify_diff_id else None,
                 "identity": identity,
                 "entries": len(entries),
                 "warnings": list(warnings),
@@ -138,6 +141,14 @@ def load(
     except (ValueError, KeyError, IndexError, TypeError, struct.error, zstandard.ZstdError) as exc:
         log.warning("layer %s: cached index %s is corrupt (%s); rescanning",
                     layer.descriptor.digest, path, exc)  # fmt: skip
+        return None
+    if layer.verify_diff_id and header.get("diff_id") != layer.diff_id:
+        # These bytes were never shown to decompress to this diff_id: the
+        # blob's digest alone is not what this layer is trusted by.
+        log.debug("layer %s: cached index not checked against diff_id %s; rescanning",
+                  layer.descriptor.digest, layer.diff_id)  # fmt: skip
+        if hasher is not None:
+            hasher.cancel()
         return None
     _verify_blob(layer, header["identity"], hasher)
     return entries, [str(w) for w in header["warnings"]]

@@ -365,6 +365,13 @@ class BufferedStream:
         self._produced = 0
         self._bomb_layer = layer
         self._limit = None if layer is None else expansion_limit(layer.blob.length)
+        # Every decoded byte (skipped ones too) is hashed when the layer's
+        # diff_id is to be checked over the uncompressed stream.
+        self._diff_hash = (
+            layer.diff_id.hasher()
+            if layer is not None and layer.verify_diff_id and layer.diff_id is not None
+            else None
+        )
 
     def _fill(self, view: memoryview) -> int:
         """Decode into ``view``; the byte count, 0 only at the end of the stream."""
@@ -374,6 +381,8 @@ class BufferedStream:
         self._start = 0
         self._end = self._fill(self._view)
         self._produced += self._end
+        if self._diff_hash is not None:
+            self._diff_hash.update(self._view[: self._end])
         if self._limit is not None and self._produced > self._limit:
             assert self._bomb_layer is not None
             blob = self._bomb_layer.blob
@@ -420,3 +429,14 @@ class BufferedStream:
         while self._refill():
             self._pos += self._end
             self._start = self._end
+
+    def verify_diff_id(self) -> None:
+        """After :meth:`drain`: DigestMismatchError unless the stream hashes to the diff_id."""
+        if self._diff_hash is None:
+            return
+        layer = self._bomb_layer
+        assert layer is not None
+        self._diff_hash.verify(
+            where=f"layer {layer.descriptor.digest}",
+            over=f"the uncompressed layer tar ({self._produced} bytes), the config's diff_id",
+        )

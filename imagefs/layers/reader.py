@@ -101,6 +101,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from imagefs.cachedir import GZIP_INDEX, ZSTD_SEEK
+from imagefs.digest import check
 from imagefs.errors import (
     BlobError,
     BlobMissingError,
@@ -120,6 +121,7 @@ from imagefs.layers.plumbing import (
     BlobHasher,
     DigestCheck,
     InUse,
+    blob_bytes,
     cache_path,
     check_blob,
     digest_check,
@@ -137,6 +139,7 @@ __all__ = [
     "open_layer_stream",
     "random_access_cached",
     "set_decoded_cache_limit",
+    "sniff_compression",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,7 +217,8 @@ def _open_blob(layer: Layer) -> int:
         ) from exc
 
 
-def _sniff(head: bytes) -> Compression:
+def sniff_compression(head: bytes) -> Compression:
+    """What a blob's first (up to 4) bytes say its compression is."""
     if head.startswith(_GZIP_MAGIC):
         return Compression.GZIP
     if head.startswith(_ZSTD_MAGIC):
@@ -247,7 +251,7 @@ def detect_compression(layer: Layer) -> Compression:
         head = os.pread(fd, min(4, layer.blob.length), layer.blob.offset)
     finally:
         os.close(fd)
-    actual = _sniff(head)
+    actual = sniff_compression(head)
     if actual is not declared:
         log.debug(
             "layer %s: media type %s but content is %s",
@@ -398,6 +402,8 @@ def _layer_pass(
             elif isinstance(stream, ZstdStream):
                 stream.finish()
             hasher.verify()
+            if layer.verify_diff_id:
+                _verify_diff_id(layer, stream)
             if index is not None:
                 if result is not None:
                     result.gzip_index = index
@@ -428,6 +434,19 @@ def _layer_pass(
                 stream.close()
     finally:
         os.close(fd)
+
+
+def _verify_diff_id(layer: Layer, stream: _PlainStream | GzipStream | ZstdStream) -> None:
+    """The diff_id over the uncompressed stream (see ``Layer.verify_diff_id``)."""
+    if isinstance(stream, GzipStream | ZstdStream):
+        stream.verify_diff_id()  # hashed as it was decoded
+        return
+    # A plain tar is its own uncompressed stream: its bytes were just found to
+    # hash to the descriptor digest, so the diff_id must be that digest.
+    assert layer.diff_id is not None
+    over = f"{blob_bytes(layer)}, the uncompressed layer tar, the config's diff_id"
+    check(layer.diff_id, layer.descriptor.digest, where=f"layer {layer.descriptor.digest}",
+          over=over)  # fmt: skip
 
 
 @contextmanager

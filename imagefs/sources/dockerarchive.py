@@ -22,10 +22,12 @@ media types and compressed digests are known.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
-from imagefs.digest import Digest
+from imagefs.digest import Digest, Hasher
 from imagefs.errors import (
     BlobMissingError,
     ManifestError,
@@ -33,7 +35,8 @@ from imagefs.errors import (
     SourceError,
     SourceNotFoundError,
 )
-from imagefs.image import Descriptor, Image, Layer, Platform
+from imagefs.image import BlobRange, Descriptor, Image, Layer, Platform
+from imagefs.layers.reader import Compression, sniff_compression
 from imagefs.sources.manifest import (
     DOCKER_LAYER_TAR,
     blob_name,
@@ -53,14 +56,24 @@ from imagefs.sources.ocilayout import (
     resolve_manifest,
 )
 from imagefs.sources.platform import match_rank
-from imagefs.sources.store import Store, read_file
+from imagefs.sources.store import Store, read_file, read_range
 
 MANIFEST_JSON = "manifest.json"
 
 # Paths that name their content's digest: legacy "<hex>.json" configs (the
-# image ID is the config's sha256), and OCI layout "blobs/<alg>/<hex>".
-_LEGACY_CONFIG_RE = re.compile(r"^([0-9a-f]{64})\.json$")
+# image ID is the config's sha256), OCI layout "blobs/<alg>/<hex>", and the
+# layers of go-containerregistry tarballs (crane, kaniko, ko, jib):
+# "<hex>.tar.gz" / "<hex>.tar.zst", named by the compressed blob's sha256
+# (pkg/v1/tarball/write.go, whose config is "sha256:<hex>"), and skopeo's
+# "<diffid>.tar".
+_LEGACY_CONFIG_RE = re.compile(r"^(?:([0-9a-f]{64})\.json|sha256:([0-9a-f]{64}))$")
 _BLOB_PATH_RE = re.compile(r"^blobs/([a-z0-9]+)/([0-9a-f]+)$")
+_NAMED_LAYER_RE = re.compile(r"^(?:.*/)?([0-9a-f]{64})\.tar(?:\.gz|\.zst|\.zstd)?$")
+_LAYER_MEDIA_TYPE = {
+    Compression.NONE: DOCKER_LAYER_TAR,
+    Compression.GZIP: DOCKER_LAYER_TAR + ".gzip",
+    Compression.ZSTD: DOCKER_LAYER_TAR + ".zstd",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +145,61 @@ def _select(entries: list[ArchiveEntry], ref: str | None, where: str) -> Archive
 
 def _path_digest(path: str, where: str) -> Digest | None:
     """The digest a manifest.json path names, if it names one."""
-    m = _LEGACY_CONFIG_RE.match(path)
+    m = _LEGACY_CONFIG_RE.match(path) or _NAMED_LAYER_RE.match(path)
     if m:
-        return Digest(f"sha256:{m.group(1)}")
+        return Digest(f"sha256:{next(group for group in m.groups() if group)}")
     m = _BLOB_PATH_RE.match(path)
     if m:
         return Digest.parse(f"{m.group(1)}:{m.group(2)}", f"{where}: {path}")
     return None
+
+
+def _archive_layer(path: str, blob: BlobRange, diff_id: Digest, where: str) -> Layer:
+    """A layer listed by manifest.json, trusted by the config's diff_id.
+
+    What manifest.json vouches for is the config (named by its digest), and
+    the config's ``rootfs.diff_ids`` name the *uncompressed* tars. A legacy
+    layer is such a tar, so its diff_id is its blob digest. A compressed one
+    (go-containerregistry tarballs, containerd exports without their OCI
+    manifest) is checked twice in its one pass: its diff_id over the
+    decompressed stream, and the digest its name gives over the compressed
+    bytes (the key of its cache files). A compressed layer whose name gives
+    no digest (no known writer does that) has its blob hashed here, so its
+    cache files are still keyed by the bytes they describe.
+    """
+    compression = sniff_compression(read_range(_head(blob), where))
+    named = _path_digest(path, where)
+    if compression is Compression.NONE:
+        digest = named or diff_id
+    elif named is not None and named != diff_id:
+        digest = named
+    else:
+        digest = _hash_range(blob, where)
+    descriptor = Descriptor(_LAYER_MEDIA_TYPE[compression], digest, blob.length)
+    return Layer(descriptor, blob, diff_id, verify_diff_id=digest != diff_id)
+
+
+def _head(blob: BlobRange) -> BlobRange:
+    return dataclasses.replace(blob, length=min(blob.length, 4))
+
+
+def _hash_range(blob: BlobRange, where: str) -> Digest:
+    hasher = Hasher("sha256")
+    try:
+        fd = blob.open_fd()
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot open: {exc.strerror or exc}") from exc
+    try:
+        position, end = blob.offset, blob.offset + blob.length
+        while position < end:
+            chunk = os.pread(fd, min(1 << 20, end - position), position)
+            if not chunk:
+                raise SourceError(f"{where}: the archive ends inside this layer")
+            hasher.update(chunk)
+            position += len(chunk)
+    finally:
+        os.close(fd)
+    return hasher.result()
 
 
 def open_docker_archive(
@@ -191,11 +252,7 @@ def open_docker_archive(
         blob = store.locate(path)
         if blob is None:
             raise BlobMissingError(f"{mwhere}: layer {path} ({diff_id}) is missing")
-        # Legacy layers are uncompressed tars named only by their diff_id; a
-        # blobs/<alg>/<hex> path names its own bytes (which the layer reader
-        # verifies, sniffing compression from magic bytes).
-        digest = _path_digest(path, mwhere) or diff_id
-        layers.append(Layer(Descriptor(DOCKER_LAYER_TAR, digest, blob.length), blob, diff_id))
+        layers.append(_archive_layer(path, blob, diff_id, store.where(path)))
     return Image(
         source=source,
         transport="docker-archive",

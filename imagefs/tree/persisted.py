@@ -49,12 +49,20 @@ def tree_sources(image: Image) -> dict[str, Any]:
     return {
         "version": TREE.tag,
         "layers": [layer.descriptor.digest for layer in image.layers],
+        # A layer trusted by its diff_id (Layer.verify_diff_id) was checked
+        # against that diff_id; another image claiming another one for the
+        # same blob must not be served this tree.
+        "diff_ids": [layer.diff_id if layer.verify_diff_id else None for layer in image.layers],
         "blobs": blobs,
     }
 
 
 def tree_path(cache_dir: Path, image: Image) -> Path:
-    chain = "\n".join(layer.descriptor.digest for layer in image.layers)
+    chain = "\n".join(
+        f"{layer.descriptor.digest} {layer.diff_id}" if layer.verify_diff_id
+        else layer.descriptor.digest
+        for layer in image.layers
+    )  # fmt: skip
     # The version tag is part of the key: a tree of other merge rules, scanner
     # or encoding has another name and is never opened (imagefs.cachedir).
     key = hashlib.sha256(f"{TREE.tag}\n{chain}".encode()).hexdigest()
