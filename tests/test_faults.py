@@ -192,7 +192,7 @@ def test_disk_full_registry_pull_fails_clearly_and_leaves_no_partial_blob(
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
             assert "Traceback" not in result.stderr
-            assert not list((cache / "tmp").glob("*")) if (cache / "tmp").exists() else True
+            assert not list(cache.rglob("*.part"))
             blobs = cache / "blobs" / "sha256"
             for blob in blobs.iterdir() if blobs.exists() else ():
                 assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name

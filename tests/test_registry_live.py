@@ -108,7 +108,7 @@ def test_mount_from_registry_matches_umoci_and_second_mount_uses_cache(
     blobs = sorted((cache / "blobs" / "sha256").iterdir())
     inodes = {p.name: p.stat().st_ino for p in blobs}
     assert len(blobs) >= 5  # index-less image: manifest, config, 3 layers
-    assert not list((cache / "tmp").iterdir())
+    assert not list(cache.rglob("*.part"))  # no download left half-written
     # The same image again: nothing downloaded (a new download renames a new inode).
     mount_compare(pushed_basic, basic_oracle, tmp_path / "second", f"--cache-dir={cache}")
     assert {p.name: p.stat().st_ino for p in (cache / "blobs" / "sha256").iterdir()} == inodes
@@ -363,7 +363,7 @@ def test_cut_blob_transfer_resumes_and_cache_is_clean(
         proxy.stop()
     assert proxy.cuts == 1
     assert "resuming" in log.read_text()
-    assert not list((cache / "tmp").iterdir())
+    assert not list(cache.rglob("*.part"))  # no download left half-written
     for blob in (cache / "blobs" / "sha256").iterdir():
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
 
@@ -384,7 +384,7 @@ def test_registry_serving_a_wrong_blob_is_refused(registry_tools: None, tmp_path
         assert "digest" in result.stderr and layer["digest"] in result.stderr
         assert not is_mounted(tmp_path / "m")
         assert not (cache / "blobs" / "sha256" / layer["digest"].split(":")[1]).exists()
-        assert not list((cache / "tmp").iterdir())
+        assert not list(cache.rglob("*.part"))  # no download left half-written
     finally:
         registry.stop()
 
