@@ -4,6 +4,7 @@ The real tools where Debian 12 has them (:mod:`tests.engines` runs them):
 
 * ``podman save`` in its four formats (docker-archive, oci-archive, oci-dir,
   docker-dir with and without ``--compress``) and ``-m`` multi-image archives;
+  an image ``buildah`` built (``from``, ``copy``, ``commit``) and pushed;
 * ``skopeo copy ... dir:`` with gzip and zstd layers, OCI or Docker v2s2 manifests;
 * ``ctr images export`` (:meth:`tests.engines.Containerd.export`);
   ``ctr-remote image convert --estargz`` and ``--zstdchunked``, exported or
@@ -95,6 +96,17 @@ def podman_save(
         args.append("--multi-image-archive")
     podman.podman(*args, *refs)
     return dest
+
+
+def buildah_commit(podman: Podman, base: str, content: Path, name: str) -> str:
+    """A new image NAME: ``buildah from BASE``, ``buildah copy CONTENT /added``, ``commit``.
+
+    BASE must be in podman's store already (``--pull=never``): buildah shares it.
+    """
+    container = podman.buildah("from", "--pull=never", base).stdout.decode().strip()
+    podman.buildah("copy", container, content, "/added")
+    podman.buildah("commit", "--quiet", "--rm", container, name)
+    return name
 
 
 def skopeo_dir(
