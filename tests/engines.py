@@ -356,11 +356,6 @@ class Podman:
         """Pull from the loopback registry; the image's ID."""
         return self.podman("pull", "--quiet", "--tls-verify=false", ref).stdout.decode().strip()
 
-    def storage_ref(self, ref: str) -> str:
-        """skopeo's name for ``ref`` in this store: ``containers-storage:[overlay@ROOT+RUN]REF``."""
-        root, runroot = self.directory / "root", self.directory / "runroot"
-        return f"containers-storage:[overlay@{root}+{runroot}]{ref}"
-
     def __enter__(self) -> Self:
         return self
 

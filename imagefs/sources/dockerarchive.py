@@ -151,7 +151,9 @@ def _select(
             return entry
     prefix = image_id_prefix(ref)
     if prefix is not None:
-        by_id = {image_id(e): e for e in entries}
+        by_id: dict[str, ArchiveEntry] = {}
+        for entry in entries:
+            by_id.setdefault(image_id(entry), entry)  # one image under several entries
         hits = [d for d in by_id if d.startswith("sha256:" + prefix)]
         if len(hits) == 1:
             return by_id[hits[0]]
