@@ -444,3 +444,32 @@ def test_umoci_insert(catalog: Catalog, tmp_path: Path) -> None:
     expected = oracle.umoci_oracle(inserted.layout, inserted.tag, tmp_path / "bundle")
     assert "inserted/sub/file" in expected.records
     mount_and_compare(f"oci:{inserted.layout}:{inserted.tag}", expected, tmp_path)
+
+
+def test_umoci_insert_with_data_cut_short_is_refused(catalog: Catalog, tmp_path: Path) -> None:
+    """The guard beside the padding fix: a member whose *data* is cut short stays an error."""
+    inserted = umoci_insert(catalog.image("basic"), tmp_path)
+    tars = list(builder.layer_tars(inserted.layout, inserted.tag))
+    name, data_offset, size = last_member(tars[-1])
+    assert size > 1
+    cut = tars[-1][: data_offset + size // 2]
+    layout = builder.write_oci_layout(tmp_path / "cut", [*tars[:-1], cut], tag="cut")
+    (tmp_path / "mnt").mkdir()
+    result = run_imagefs("mount", "--quiet", f"oci:{layout}:cut", tmp_path / "mnt")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert name in result.stderr and "truncated" in result.stderr, result.stderr
+
+
+def last_member(tar: bytes) -> tuple[str, int, int]:
+    """(name, data offset, size) of a tar stream's last member, read header by header.
+
+    Python's tarfile refuses a stream cut inside the padding, as umoci's are.
+    """
+    offset, found = 0, ("", 0, 0)
+    while offset + 512 <= len(tar) and tar[offset : offset + 512].strip(b"\0"):
+        header = tar[offset : offset + 512]
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        found = (header[:100].rstrip(b"\0").decode(), offset + 512, size)
+        offset += 512 + -(-size // 512) * 512
+    return found
