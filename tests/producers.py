@@ -208,7 +208,13 @@ def ggcr_tarball(
     return dest
 
 
-def docker25_save_by_id(image: BuiltImage, dest: Path, *, release: Docker25Release) -> Path:
+def docker25_save_by_id(
+    image: BuiltImage,
+    dest: Path,
+    *,
+    release: Docker25Release,
+    layers: Sequence[bytes] | None = None,
+) -> Path:
     """``docker save IMAGE_ID`` as Docker 25.0.2 (``"manifests": null``) or 25.0.3 writes it.
 
     moby ``image/tarexport/save.go``: an OCI layout in a temporary directory,
@@ -220,19 +226,19 @@ def docker25_save_by_id(image: BuiltImage, dest: Path, *, release: Docker25Relea
     layer; there is no ``repositories`` file. ``index.json`` lists nothing
     in 25.0.0-25.0.2, because only tagged references were added to it
     (moby#47210); 25.0.3 adds the untagged manifest without annotations
-    (moby#47294).
+    (moby#47294). ``layers`` (uncompressed tars) replaces the image's layers
+    under the same config: a tampered archive, each blob named by its own digest.
     """
     manifest = builder.image_manifest(image.layout, image.tag)
     config = builder.blob_path(image.layout, manifest["config"]["digest"]).read_bytes()
     config_obj = json.loads(config)
     files: dict[str, bytes] = {}
-    layers: list[dict[str, Any]] = []
+    tars = list(builder.layer_tars(image.layout, image.tag)) if layers is None else layers
+    descriptors: list[dict[str, Any]] = []
     parent = ""
-    for i, tar in enumerate(builder.layer_tars(image.layout, image.tag)):
-        layers.append(_blob(files, tar, builder.OCI_LAYER["none"]))
-        v1 = _v1_config(
-            layers[-1]["digest"], parent, config_obj, last=i == len(manifest["layers"]) - 1
-        )
+    for i, tar in enumerate(tars):
+        descriptors.append(_blob(files, tar, builder.OCI_LAYER["none"]))
+        v1 = _v1_config(descriptors[-1]["digest"], parent, config_obj, last=i == len(tars) - 1)
         _blob(files, v1, "")
         parent = builder.sha256_digest(v1).partition(":")[2]
     platform = builder.platform_object(
@@ -243,18 +249,21 @@ def docker25_save_by_id(image: BuiltImage, dest: Path, *, release: Docker25Relea
         "schemaVersion": 2,
         "mediaType": builder.OCI_MANIFEST,
         "config": config_desc,
-        "layers": layers,
+        "layers": descriptors,
     }
     manifest_desc = {
         **_blob(files, _go_json(oci_manifest), builder.OCI_MANIFEST),
         "platform": platform,
     }
-    sources = {d["digest"]: {"mediaType": d["mediaType"], "size": d["size"], "digest": d["digest"]}
-               for d in layers}  # fmt: skip
+    # A Go map: json.Marshal writes its keys sorted.
+    sources = {
+        d["digest"]: {"mediaType": d["mediaType"], "size": d["size"], "digest": d["digest"]}
+        for d in sorted(descriptors, key=lambda d: str(d["digest"]))
+    }
     entry = {
         "Config": builder.blob_member(config_desc),
         "RepoTags": None,
-        "Layers": [builder.blob_member(d) for d in layers],
+        "Layers": [builder.blob_member(d) for d in descriptors],
         "LayerSources": sources,
     }
     files["manifest.json"] = _go_json([entry]) + b"\n"
