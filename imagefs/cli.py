@@ -86,13 +86,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "mount",
         parents=[common],
         help="mount an image's root file system",
-        description="Mount SOURCE (an OCI layout, oci-archive or docker save tarball) "
-        "read-only on MOUNTPOINT. Returns once the mount is live.",
+        description="Mount SOURCE (an OCI layout, oci-archive, docker save tarball or dir: "
+        "directory) read-only on MOUNTPOINT. Returns once the mount is live.",
     )
     mount.add_argument(
         "source",
         metavar="SOURCE",
-        help="[docker-archive:|oci:|oci-archive:]PATH, or a registry image [docker://]NAME[:TAG]",
+        help="[docker-archive:|oci:|oci-archive:|dir:]PATH, or a registry image "
+        "[docker://]NAME[:TAG]",
     )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     mount.add_argument("--image", metavar="NAME:TAG", help="image to use from a multi-image tar")

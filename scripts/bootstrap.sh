@@ -9,8 +9,16 @@ cd "$(dirname "$0")/.."
 # The Linux-integration tests also need mount(8) (mount), systemd-analyze and
 # systemd-escape (systemd; it need not run as PID 1), unshare/nsenter/setpriv
 # (util-linux), useradd (passwd) and strace (the daemon-never-follows-symlinks test).
+# The engines whose outputs tests mount (tests/engines.py, tests/producers.py):
+# podman (save in four formats, -m), buildah (the same containers-storage),
+# containerd (its ctr exports; it also serves dockerd), stargz-snapshotter
+# (ctr-remote's eStargz and zstd:chunked conversions), docker.io (dockerd 20.10
+# and /usr/bin/docker: docker save). runc is the OCI runtime containerd and
+# dockerd look for at start (no test runs a container). Rootless extras
+# (fuse-overlayfs, slirp4netns, uidmap) are not needed: the engines run as root.
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc umoci skopeo docker-registry zstd attr file tar gzip
-    mount util-linux systemd passwd coreutils strace)
+    mount util-linux systemd passwd coreutils strace
+    podman buildah containerd stargz-snapshotter docker.io runc)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -254,7 +254,7 @@ def compress(data: bytes, compression: Compression) -> bytes:
 
 
 def decompress(blob: bytes) -> bytes:
-    kind = _sniff(blob[:4])
+    kind = sniff(blob[:4])
     if kind == "gzip":
         return gzip.decompress(blob)
     if kind == "zstd":
@@ -466,7 +466,7 @@ def layer_compressions(layout: Path, tag: str) -> list[str]:
     for layer in image_manifest(layout, tag)["layers"]:
         with open(blob_path(layout, layer["digest"]), "rb") as f:
             magic = f.read(4)
-        result.append(_sniff(magic))
+        result.append(sniff(magic))
     return result
 
 
@@ -476,7 +476,8 @@ def layer_tars(layout: Path, tag: str) -> Iterator[bytes]:
         yield decompress(blob_path(layout, layer["digest"]).read_bytes())
 
 
-def _sniff(magic: bytes) -> str:
+def sniff(magic: bytes) -> str:
+    """A blob's compression from its first bytes (media types can lie)."""
     if magic.startswith(b"\x1f\x8b"):
         return "gzip"
     if magic == b"\x28\xb5\x2f\xfd":
@@ -617,7 +618,7 @@ def to_docker25_archive(layout: Path, tag: str, dest_tar: Path, name: str = "tes
     files["oci-layout"] = _json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION})
     top_layer = layers[-1]["digest"].partition(":")[2]
     files["repositories"] = _json_bytes({repository: {reference: top_layer}}) + b"\n"
-    _write_outer_tar(dest_tar, sorted(files.items()), blob_mode=0o644)
+    write_outer_tar(dest_tar, sorted(files.items()), blob_mode=0o644)
     return dest_tar
 
 
@@ -701,7 +702,7 @@ def to_containerd_archive(
         manifest["config"], manifest["layers"], [name], newline=False
     )
     files["oci-layout"] = _json_bytes({"imageLayoutVersion": OCI_LAYOUT_VERSION})
-    _write_outer_tar(dest_tar, sorted(files.items()), blob_mode=0o444)
+    write_outer_tar(dest_tar, sorted(files.items()), blob_mode=0o444)
     return dest_tar
 
 
@@ -763,7 +764,7 @@ def _full_name(name: str) -> str:
     return f"docker.io/{name}"
 
 
-def _write_outer_tar(dest_tar: Path, files: Iterable[tuple[str, bytes]], blob_mode: int) -> None:
+def write_outer_tar(dest_tar: Path, files: Iterable[tuple[str, bytes]], blob_mode: int) -> None:
     """Write ``blobs/``, ``blobs/sha256/`` then ``files`` in the order given.
 
     Like both moby and containerd: mtime 0, owner 0:0, directories 0755, blobs
@@ -789,9 +790,12 @@ def _config_platform(config: Mapping[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------- helpers
 
 
-def run(command: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
-    """Run a tool; on failure raise with its stderr in the message."""
-    result = subprocess.run(command, capture_output=True, check=False)
+def run(
+    command: Sequence[str], *, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool (with ``env`` added to ours); on failure raise with its stderr in the message."""
+    environ = {**os.environ, **env} if env is not None else None
+    result = subprocess.run(command, capture_output=True, check=False, env=environ)
     if result.returncode != 0:
         raise RuntimeError(
             f"{' '.join(command)}: exit {result.returncode}: "

@@ -1,19 +1,24 @@
-"""Session fixtures: the catalog images, built once, in every shape, with their oracles.
+"""Session fixtures: the catalog images, built once, in every shape, with their oracles;
+the engines (tests.engines), each started once, and a registry feeding them.
 
 Building needs umoci and skopeo (Debian packages; missing ones skip, or fail
 under ``CI=true``, see tests.needs) and root (umoci keeps owners and device
-nodes only as root).
+nodes only as root). The engines need root and their own packages likewise.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
+from tests.engines import Containerd, CtrRemote, Dockerd, Podman, Skopeo
 from tests.images import BuiltImage, Catalog, ShapesFor
 from tests.needs import require_tools
 from tests.oracle import Oracle
+from tests.producers import RegistryImages
+from tests.registry import Registry
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +62,53 @@ def basic_oracle(catalog: Catalog) -> Oracle:
 @pytest.fixture(scope="session")
 def edge_oracle(catalog: Catalog) -> Oracle:
     return catalog.oracle("edge")
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@pytest.fixture(scope="session")
+def skopeo(tmp_path_factory: pytest.TempPathFactory) -> Skopeo:
+    return Skopeo(tmp_path_factory.mktemp("skopeo"))
+
+
+@pytest.fixture(scope="session")
+def engine_registry(
+    image_tools: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Registry]:
+    """The loopback registry the engines pull from (plain HTTP, no auth)."""
+    registry = Registry(tmp_path_factory.mktemp("engine-registry"))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_images(engine_registry: Registry, skopeo: Skopeo) -> RegistryImages:
+    """``registry_images.ref(image)``: the catalog image pushed there (once)."""
+    return RegistryImages(engine_registry, skopeo)
+
+
+@pytest.fixture(scope="session")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    with Containerd(tmp_path_factory.mktemp("containerd")) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="session")
+def ctr_remote(containerd: Containerd) -> CtrRemote:
+    return CtrRemote(containerd)
+
+
+@pytest.fixture(scope="session")
+def dockerd(
+    tmp_path_factory: pytest.TempPathFactory, containerd: Containerd, engine_registry: Registry
+) -> Iterator[Dockerd]:
+    directory = tmp_path_factory.mktemp("dockerd")
+    with Dockerd(directory, containerd, insecure=[engine_registry.host]) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    with Podman(tmp_path_factory.mktemp("podman")) as engine:
+        yield engine

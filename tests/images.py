@@ -8,6 +8,12 @@ Each ``build_*`` function writes one image into a fresh directory and returns
 - ``edge``: crafted entry by entry with tarfile (plain, gzip and zstd
   layers): opaque markers, whiteouts, type replacements, implied directories,
   duplicates, hardlinks, long names, xattrs, devices, sparse and big files.
+- ``portable``: ``basic`` without its directory -> symlink replacement, so
+  that the engines can pull it: dockerd 20.10 and podman 4.3 cannot apply a
+  whiteout below a same-layer symlink (``srv/cache/.wh.item``: "failed to
+  mknod", "processing tar file(no such file or directory)"), and both refuse
+  ``edge``'s duplicate paths ("duplicates of file paths not supported").
+  containerd keeps any image in its content store without unpacking it.
 
 Every image must be one that ``umoci unpack`` reproduces faithfully, so that
 tests can compare a mount with :mod:`tests.oracle`. Left out for that reason
@@ -40,6 +46,7 @@ from tests.builder import NS, Member, directory, file, hardlink, opaque, symlink
 # --------------------------------------------------------------------------- basic
 
 BASIC_TAG = "basic"
+PORTABLE_TAG = "portable"
 BASIC_LONG_DIR = "long/" + "d" * 100 + "/" + "e" * 100
 BASIC_LONG_PATH = BASIC_LONG_DIR + "/" + "f" * 80 + ".txt"  # 288 characters
 BASIC_UTF8_NAME = "docs/name with spaces é ü 日本語.txt"
@@ -112,13 +119,25 @@ def basic_changes(root: Path) -> None:
 
 def basic_replacements(root: Path) -> None:
     """Layer 3: file -> directory, directory -> symlink, deleted paths re-created."""
-    (root / "etc/motd").unlink()
-    _write(root / "etc/motd/00-welcome", "now a directory\n")
+    portable_replacements(root)
     # umoci writes "srv/cache" as a symlink *and* a whiteout "srv/cache/.wh.item"
     # below it: a whiteout under a same-layer symlink, which must not resurrect
     # a directory.
     shutil.rmtree(root / "srv/cache")
     (root / "srv/cache").symlink_to("/var/cache")
+
+
+def build_portable(dest: Path) -> tuple[Path, str]:
+    """``basic`` as every engine can pull it (see the module docstring)."""
+    layout = dest / "portable"
+    builder.umoci_build(layout, PORTABLE_TAG, [basic_base, basic_changes, portable_replacements])
+    return layout, PORTABLE_TAG
+
+
+def portable_replacements(root: Path) -> None:
+    """Layer 3 without the directory -> symlink: file -> directory, deleted paths re-created."""
+    (root / "etc/motd").unlink()
+    _write(root / "etc/motd/00-welcome", "now a directory\n")
     _write(root / "etc/obsolete", "back again\n")
     _write(root / "opt/old/new", "a new directory where one was deleted\n")
 
@@ -322,6 +341,7 @@ def sparse_data() -> bytes:
 BUILDERS: dict[str, Callable[[Path], tuple[Path, str]]] = {
     "basic": build_basic,
     "edge": build_edge,
+    "portable": build_portable,
 }
 SHAPES = ("oci", "oci-archive", "docker-archive", "docker25", "containerd")
 

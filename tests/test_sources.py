@@ -1425,3 +1425,281 @@ def test_docker25_manifest_json_disagrees_with_oci_manifest(tmp_path: Path) -> N
         ManifestError, match=r"layers of example/app:1.0 disagree with OCI manifest"
     ):
         open_image(str(write_tar(tmp_path / "x.tar", members)))
+
+
+# --------------------------------------------------------------------------- IDs, Docker 25 by ID
+
+
+def docker25_by_id_archive(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """Docker 25.0.0-25.0.2 ``docker save IMAGE_ID``: ``"manifests": null``, ``RepoTags`` null."""
+    out, lay, mdesc = docker25_archive(tmp_path)
+    with tarfile.open(out) as tf:
+        members: list[tuple[str, bytes | Link]] = []
+        for m in tf.getmembers():
+            data = tf.extractfile(m).read()  # type: ignore[union-attr]
+            if m.name == "index.json":
+                data = b'{"schemaVersion":2,"mediaType":"%s","manifests":null}' % OCI_INDEX.encode()
+            elif m.name == "manifest.json":
+                doc = json.loads(data)
+                doc[0]["RepoTags"] = None
+                data = to_json(doc) + b"\n"
+            if m.name != "repositories":
+                members.append((m.name, data))
+    return write_tar(tmp_path / "by-id.tar", members), lay.read(mdesc)
+
+
+def test_docker25_save_by_id_null_index(tmp_path: Path) -> None:
+    out, manifest = docker25_by_id_archive(tmp_path)
+    image = open_image(str(out))
+    assert image.config_digest == manifest["config"]["digest"]
+    # The index points nowhere, so the image is manifest.json's alone.
+    assert image.manifest_digest is None
+    check_layers(image)
+    config_id = hexof(manifest["config"]["digest"])
+    for spelling in (config_id, config_id[:12], f"sha256:{config_id[:5]}", f"sha256:{config_id}"):
+        assert open_image(str(out), image=spelling).config_digest == image.config_digest
+    with pytest.raises(SourceError, match=r"the index lists no images"):
+        open_image(f"oci-archive:{out}")
+
+
+def test_image_id_selection_in_multi_image_archive(tmp_path: Path) -> None:
+    """Two images whose IDs begin alike, one tagged, one not, in one legacy archive."""
+
+    def config(layer: bytes, salt: int) -> bytes:
+        rootfs = {"type": "layers", "diff_ids": [sha256(layer)]}
+        return to_json({"architecture": "amd64", "os": "linux", "rootfs": rootfs, "salt": salt})
+
+    first = config(LAYER1, 0)
+    second = next(
+        c
+        for c in (config(LAYER2, n) for n in range(1000))
+        if hexof(sha256(c))[0] == hexof(sha256(first))[0]
+    )
+    members: list[tuple[str, bytes | Link]] = []
+    manifest = []
+    for cfg, layer, tags in ((first, LAYER1, ["a:1"]), (second, LAYER2, None)):
+        name = f"{hexof(sha256(cfg))}.json"
+        members += [(name, cfg), (f"{hexof(sha256(layer))}/layer.tar", layer)]
+        manifest.append(
+            {"Config": name, "RepoTags": tags, "Layers": [f"{hexof(sha256(layer))}/layer.tar"]}
+        )
+    out = write_tar(tmp_path / "multi.tar", [*members, ("manifest.json", to_json(manifest))])
+    untagged = hexof(sha256(second))
+    for spelling in (untagged, untagged[:12], f"sha256:{untagged[:7]}"):
+        assert open_image(str(out), image=spelling).config_digest == sha256(second)
+    assert open_image(str(out), image="docker.io/library/a:1").config_digest == sha256(first)
+    with pytest.raises(SourceNotFoundError, match=r"'[0-9a-f]' begins several image IDs: sha256:"):
+        open_image(str(out), image=untagged[0])
+    absent = "0" if untagged[0] != "0" else "1"  # no ID begins so
+    with pytest.raises(SourceNotFoundError, match=f"no image named '{absent}'; available: a:1;"):
+        open_image(str(out), image=absent)
+
+
+# --------------------------------------------------------------------------- dir: transport
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DIR_VERSION = b"Directory Transport Version: 1.1\n"
+
+
+class DirImage:
+    """A ``dir:`` directory as containers/image writes it: version, manifest.json, ``<hex>``."""
+
+    def __init__(self, root: Path, version: bytes | None = DIR_VERSION, suffix: str = "") -> None:
+        self.root = root
+        self.suffix = suffix
+        root.mkdir()
+        if version is not None:
+            (root / "version").write_bytes(version)
+
+    def blob(self, data: bytes, media_type: str) -> dict[str, Any]:
+        (self.root / f"{hexof(sha256(data))}{self.suffix}").write_bytes(data)
+        return {"mediaType": media_type, "size": len(data), "digest": sha256(data)}
+
+    def manifest(self, layers: list[bytes], *, docker: bool, platform: Platform = AMD64) -> bytes:
+        config = {
+            "architecture": platform.architecture,
+            "os": platform.os,
+            "rootfs": {"type": "layers", "diff_ids": [sha256(la) for la in layers]},
+        }
+        config_type, layer_type = (
+            (DOCKER_CONFIG, DOCKER_LAYER_GZIP)
+            if docker
+            else (
+                OCI_CONFIG,
+                LAYER_TYPES["gzip"],
+            )
+        )
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
+            "config": self.blob(to_json(config), config_type),
+            "layers": [self.blob(compress(la, "gzip"), layer_type) for la in layers],
+        }
+        return to_json(doc)
+
+    def write_manifest(self, data: bytes, name: str = "manifest.json") -> None:
+        (self.root / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("docker", [False, True], ids=["oci", "v2s2"])
+def test_dir_transport(tmp_path: Path, docker: bool) -> None:
+    d = DirImage(tmp_path / "dir")
+    manifest = d.manifest([LAYER1, LAYER2], docker=docker)
+    d.write_manifest(manifest)
+    image = open_image(f"dir:{d.root}")
+    assert (image.transport, image.manifest_digest) == ("dir", sha256(manifest))
+    assert [la.descriptor.media_type for la in image.layers] == [
+        DOCKER_LAYER_GZIP if docker else LAYER_TYPES["gzip"]
+    ] * 2
+    check_layers(image)
+    # Detected without the prefix, by its version file; an explicit platform
+    # does not matter for a single manifest (as in a layout).
+    assert open_image(str(d.root), platform=OTHER).layers == image.layers
+    assert is_local_source(f"dir:{tmp_path}/not-there")
+
+
+def test_dir_transport_version_1_0_and_none(tmp_path: Path) -> None:
+    old = DirImage(tmp_path / "old", b"Directory Transport Version: 1.0\n", suffix=".tar")
+    old.write_manifest(old.manifest([LAYER1], docker=True))
+    check_layers(open_image(str(old.root)))
+    # skopeo's own source reads no version file; only the prefix says dir: then.
+    bare = DirImage(tmp_path / "bare", version=None)
+    bare.write_manifest(bare.manifest([LAYER1], docker=False))
+    check_layers(open_image(f"dir:{bare.root}"))
+    with pytest.raises(SourceError, match=r"bare: not an OCI image layout .* nor a dir: image"):
+        open_image(str(bare.root))
+
+
+def test_dir_transport_manifest_list(tmp_path: Path) -> None:
+    """``skopeo copy --all ... dir:``: a list in manifest.json, instances as <hex>.manifest.json."""
+    d = DirImage(tmp_path / "dir")
+    entries = []
+    for platform, layer in ((AMD64, LAYER1), (OTHER, LAYER3)):
+        data = d.manifest([layer], docker=True, platform=platform)
+        d.write_manifest(data, f"{hexof(sha256(data))}.manifest.json")
+        desc = {"mediaType": DOCKER_MANIFEST, "size": len(data), "digest": sha256(data)}
+        entries.append(with_platform(desc, platform))
+    d.write_manifest(to_json({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries}))
+    other = open_image(str(d.root), platform=OTHER)
+    assert other.manifest_digest == entries[1]["digest"]
+    assert other.layers[0].diff_id == sha256(LAYER3)
+    check_layers(other)
+    with pytest.raises(PlatformError, match=r"manifest.json: no manifest for platform linux/mips"):
+        open_image(str(d.root), platform=Platform("linux", "mips"))
+    instance = d.root / f"{hexof(entries[1]['digest'])}.manifest.json"
+    instance.write_bytes(instance.read_bytes().replace(b'"schemaVersion":2', b'"schemaVersion":3'))
+    with pytest.raises(
+        DigestMismatchError, match=r"\.manifest\.json: digest mismatch: .* over the manifest"
+    ):
+        open_image(str(d.root), platform=OTHER)
+    instance.unlink()
+    with pytest.raises(
+        BlobMissingError, match=r"manifest.json: manifest blob sha256:\w+ is missing"
+    ):
+        open_image(str(d.root), platform=OTHER)
+
+
+def _break_config(d: DirImage, manifest: dict[str, Any]) -> None:
+    config = d.root / hexof(manifest["config"]["digest"])
+    config.write_bytes(config.read_bytes().replace(b"amd64", b"arm64"))
+
+
+def _break_layer_size(d: DirImage, manifest: dict[str, Any]) -> None:
+    with (d.root / hexof(manifest["layers"][0]["digest"])).open("ab") as f:
+        f.write(b"x")
+
+
+def _drop_layer(d: DirImage, manifest: dict[str, Any]) -> None:
+    (d.root / hexof(manifest["layers"][1]["digest"])).unlink()
+
+
+def _bad_version(d: DirImage, manifest: dict[str, Any]) -> None:
+    (d.root / "version").write_bytes(b"Directory Transport Version: 9.0\n")
+
+
+def _schema1(d: DirImage, manifest: dict[str, Any]) -> None:
+    d.write_manifest(to_json({"schemaVersion": 1, "name": "x", "fsLayers": []}))
+
+
+def _not_json(d: DirImage, manifest: dict[str, Any]) -> None:
+    d.write_manifest(b"{")
+
+
+DIR_ERRORS: list[tuple[str, Callable[[DirImage, dict[str, Any]], None], type[Exception], str]] = [
+    (
+        "config",
+        _break_config,
+        DigestMismatchError,
+        r"/dir/[0-9a-f]{64}: digest mismatch: .* over the config",
+    ),
+    ("size", _break_layer_size, DigestMismatchError, r"layer is \d+ bytes, descriptor says \d+"),
+    ("missing", _drop_layer, BlobMissingError, r"manifest.json: layer blob sha256:\w+ is missing"),
+    ("version", _bad_version, SourceError, r"unsupported dir: transport version '9.0'"),
+    (
+        "schema1",
+        _schema1,
+        ManifestError,
+        r"manifest.json: Docker schema 1 manifests are unsupported",
+    ),
+    ("json", _not_json, ManifestError, r"manifest.json: invalid JSON"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "pattern"), [pytest.param(ed, e, p, id=i) for i, ed, e, p in DIR_ERRORS]
+)
+def test_dir_transport_errors(
+    tmp_path: Path,
+    edit: Callable[[DirImage, dict[str, Any]], None],
+    error: type[Exception],
+    pattern: str,
+) -> None:
+    d = DirImage(tmp_path / "dir")
+    data = d.manifest([LAYER1, LAYER2], docker=False)
+    d.write_manifest(data)
+    edit(d, json.loads(data))
+    with pytest.raises(error, match=pattern) as exc:
+        open_image(f"dir:{d.root}")
+    assert "\n" not in str(exc.value)
+
+
+def test_dir_transport_usage(tmp_path: Path) -> None:
+    d = DirImage(tmp_path / "dir")
+    d.write_manifest(d.manifest([LAYER1], docker=False))
+    with pytest.raises(UsageError, match=r"holds one image; it takes no name \('x'\)"):
+        open_image(f"dir:{d.root}", image="x")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"file: dir: needs a directory"):
+        open_image(f"dir:{tmp_path / 'file'}")
+
+
+def test_ggcr_tarball_config_named_by_its_digest(tmp_path: Path) -> None:
+    """go-containerregistry names the config member ``sha256:<hex>``: the name is checked."""
+    config = to_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha256(LAYER1)]},
+        }
+    )
+    layer = compress(LAYER1, "gzip")
+    entry = {
+        "Config": sha256(config),
+        "RepoTags": ["index.docker.io/library/app:1"],
+        "Layers": [f"{hexof(sha256(layer))}.tar.gz"],
+    }
+    members: list[tuple[str, bytes | Link]] = [
+        (sha256(config), config),
+        (f"{hexof(sha256(layer))}.tar.gz", layer),
+        ("manifest.json", to_json([entry])),
+    ]
+    image = open_image(str(write_tar(tmp_path / "ggcr.tar", members)), image="app:1")
+    assert image.config_digest == sha256(config)
+    members[0] = (sha256(config), config.replace(b"amd64", b"arm64"))
+    with pytest.raises(
+        DigestMismatchError, match=r"ggcr.tar: sha256:\w+: digest mismatch: .* over the config"
+    ):
+        open_image(str(write_tar(tmp_path / "ggcr.tar", members)))

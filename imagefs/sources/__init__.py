@@ -10,8 +10,8 @@ Public surface::
 Modules: ``spec`` (SOURCE parsing), ``tarmembers`` (outer tar index),
 ``store`` (directory / tar member access), ``manifest`` (JSON validation,
 digests, platform selection), ``ocilayout`` (OCI layouts and oci-archives),
-``dockerarchive`` (``docker save`` shapes), ``names`` (Docker name
-normalisation), ``platform``.
+``dockerarchive`` (``docker save`` shapes), ``dirtransport`` (skopeo's
+``dir:``), ``names`` (Docker name normalisation), ``platform``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import stat
 
 from imagefs.errors import SourceError, SourceNotFoundError, UsageError
 from imagefs.image import Image, Platform
+from imagefs.sources.dirtransport import is_dir_transport, open_dir_transport
 from imagefs.sources.dockerarchive import MANIFEST_JSON, open_docker_archive
 from imagefs.sources.ocilayout import INDEX_FILE, LAYOUT_FILE, open_layout
 from imagefs.sources.platform import host_platform, parse_platform
@@ -56,17 +57,29 @@ def open_image(source: str, *, image: str | None = None, platform: Platform | No
         raise SourceError(f"{spec.path}: {exc.strerror or exc}") from exc
 
     if stat.S_ISDIR(st.st_mode):
-        if spec.transport not in (None, "oci"):
+        if spec.transport not in (None, "oci", "dir"):
             raise SourceError(f"{spec.path}: is a directory, not a {spec.transport} tar file")
         store = DirStore(path)
-        if store.locate(LAYOUT_FILE) is None:
-            raise SourceError(f"{spec.path}: not an OCI image layout (no {LAYOUT_FILE} file)")
+        has_layout = store.locate(LAYOUT_FILE) is not None
+        if spec.transport == "dir" or (
+            spec.transport is None and not has_layout and is_dir_transport(store)
+        ):
+            return open_dir_transport(path, source=source, ref=ref, platform=wanted)
+        if not has_layout:
+            raise SourceError(
+                f"{spec.path}: not an OCI image layout (no {LAYOUT_FILE} file) "
+                "nor a dir: image (no version and manifest.json files)"
+            )
         return open_layout(store, source=source, transport="oci", ref=ref, platform=wanted)
 
     if not stat.S_ISREG(st.st_mode):
         raise SourceError(f"{spec.path}: neither a directory nor a regular file")
     if spec.transport == "oci":
         raise SourceError(f"{spec.path}: oci: needs a layout directory; for a tar use oci-archive:")
+    if spec.transport == "dir":
+        raise SourceError(
+            f"{spec.path}: dir: needs a directory (containers/image's dir: transport)"
+        )
     tar = TarStore(TarMembers.index(path))
     has_manifest_json = tar.locate(MANIFEST_JSON) is not None
     has_layout = tar.locate(LAYOUT_FILE) is not None and tar.locate(INDEX_FILE) is not None

@@ -10,14 +10,22 @@ Three shapes are seen in the wild, all starting from ``manifest.json``
   diff_id, so the layer descriptor carries the diff_id.
 * Docker 25+: the same manifest.json whose paths are ``blobs/sha256/<hex>``
   of an OCI layout stored alongside (``index.json``, ``oci-layout``);
-  layers are uncompressed.
+  layers are uncompressed. Docker 25.0.0-25.0.2 save an image given by ID
+  with ``"RepoTags": null`` and an index.json of ``"manifests": null``
+  (moby#47210): the index has nothing to say, and manifest.json alone
+  describes the image.
 * containerd image store exports: like Docker 25+ but with the registry's
   compressed blobs, a possibly multi-platform index whose other platforms'
   blobs are absent, and manifest.json written after the blobs.
 
-manifest.json selects the image (by ``RepoTags``); when an OCI manifest in
-the archive has the same config, its descriptors are used so that layer
-media types and compressed digests are known.
+manifest.json selects the image (by ``RepoTags`` or image ID); when an OCI
+manifest in the archive has the same config, its descriptors are used so
+that layer media types and compressed digests are known. The index is used
+only where it adds something: those descriptors, and other platforms.
+
+go-containerregistry's tarballs (crane, kaniko, ko, jib, apko) are legacy
+archives whose config member is named by its digest (``sha256:<hex>``) and
+whose layers are the compressed blobs (``<hex>.tar.gz``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagefs.digest import Digest, Hasher
@@ -45,7 +54,7 @@ from imagefs.sources.manifest import (
     load_json,
     parse_config,
 )
-from imagefs.sources.names import names_match
+from imagefs.sources.names import image_id_prefix, names_match
 from imagefs.sources.ocilayout import (
     INDEX_FILE,
     build_image,
@@ -121,8 +130,19 @@ def read_manifest_json(store: Store) -> list[ArchiveEntry]:
     return entries
 
 
-def _select(entries: list[ArchiveEntry], ref: str | None, where: str) -> ArchiveEntry:
-    """``ref`` is a name matched against RepoTags, or ``@N`` (skopeo's source index)."""
+def _select(
+    entries: list[ArchiveEntry],
+    ref: str | None,
+    where: str,
+    image_id: Callable[[ArchiveEntry], str],
+) -> ArchiveEntry:
+    """The image ``ref`` names, as ``docker`` would find it after ``docker load``.
+
+    ``ref`` is a name matched against RepoTags (any spelling of it, see
+    :mod:`imagefs.sources.names`), else an image ID or a prefix of one (the
+    config's digest, which ``image_id`` gives), or ``@N`` (skopeo's source
+    index). Names win over IDs, as in Docker's own lookup.
+    """
     if ref is None:
         if len(entries) == 1:
             return entries[0]
@@ -138,6 +158,18 @@ def _select(entries: list[ArchiveEntry], ref: str | None, where: str) -> Archive
     for entry in entries:
         if any(names_match(ref, tag) for tag in entry.repo_tags):
             return entry
+    prefix = image_id_prefix(ref)
+    if prefix is not None:
+        by_id: dict[str, ArchiveEntry] = {}
+        for entry in entries:
+            by_id.setdefault(image_id(entry), entry)  # one image under several entries
+        hits = [d for d in by_id if d.startswith("sha256:" + prefix)]
+        if len(hits) == 1:
+            return by_id[hits[0]]
+        if hits:
+            raise SourceNotFoundError(
+                f"{where}: {ref!r} begins several image IDs: {', '.join(sorted(hits))}"
+            )
     raise SourceNotFoundError(
         f"{where}: no image named {ref!r}; available: {'; '.join(e.label() for e in entries)}"
     )
@@ -202,6 +234,11 @@ def _hash_range(blob: BlobRange, where: str) -> Digest:
     return hasher.result()
 
 
+def _read_config(store: Store, entry: ArchiveEntry, where: str) -> bytes:
+    missing = BlobMissingError(f"{where}: config {entry.config} is missing")
+    return read_file(store, entry.config, missing)
+
+
 def open_docker_archive(
     store: Store, *, source: str, ref: str | None, platform: Platform | None = None
 ) -> Image:
@@ -214,11 +251,15 @@ def open_docker_archive(
     resolved through the index for ``platform`` instead.
     """
     mwhere = store.where(MANIFEST_JSON)
-    entry = _select(read_manifest_json(store), ref, mwhere)
+
+    def image_id(entry: ArchiveEntry) -> str:
+        named = _path_digest(entry.config, mwhere)
+        return named or Digest.of(_read_config(store, entry, mwhere))
+
+    entry = _select(read_manifest_json(store), ref, mwhere, image_id)
 
     cwhere = store.where(entry.config)
-    missing = BlobMissingError(f"{mwhere}: config {entry.config} is missing")
-    config_bytes = read_file(store, entry.config, missing)
+    config_bytes = _read_config(store, entry, mwhere)
     named = _path_digest(entry.config, mwhere)
     if named is not None:
         named.verify(config_bytes, where=cwhere, over=f"the config ({len(config_bytes)} bytes)")

@@ -237,7 +237,11 @@ def parse_manifest_or_index(
     if _get_int(obj, "schemaVersion", where) != 2:
         raise ManifestError(f"{where}: unsupported schemaVersion {schema}")
     if media_type in INDEX_TYPES:
-        entries = get_list(obj, "manifests", where)
+        # Go's encoding/json writes a nil slice as null: Docker 25.0.0-25.0.2
+        # save an image given by ID with "manifests": null in index.json
+        # (moby#47210). The key is there and says "no manifests"; read it so.
+        present_but_null = obj.get("manifests", ()) is None
+        entries = [] if present_but_null else get_list(obj, "manifests", where)
         return ImageIndex(
             media_type,
             tuple(parse_descriptor(e, f"{where}: manifests[{i}]") for i, e in enumerate(entries)),

@@ -4,10 +4,18 @@
 (``alpine:3`` with the classic store, ``docker.io/library/alpine:3`` with
 skopeo and containerd); containerd exports carry ``io.containerd.image.name``.
 Matching compares the fully qualified forms, as
-:func:`imagefs.reference.parse_reference` (Docker's grammar) spells them.
+:func:`imagefs.reference.parse_reference` (Docker's grammar) spells them, so
+``alpine:3``, ``library/alpine:3``, ``docker.io/library/alpine:3`` and
+``index.docker.io/library/alpine:3`` (go-containerregistry's spelling) are one
+name, and a missing tag means ``latest``. Docker also names an image by its
+ID, the digest of its config: whole, with or without ``sha256:``, or any
+prefix of the hex (moby ``image/store.go`` ``Search``);
+:func:`image_id_prefix` reads that spelling.
 """
 
 from __future__ import annotations
+
+import re
 
 from imagefs.errors import InvalidReferenceError
 from imagefs.reference import parse_reference
@@ -33,3 +41,12 @@ def names_match(wanted: str, candidate: str) -> bool:
         return True
     a, b = normalize_name(wanted), normalize_name(candidate)
     return a is not None and a == b
+
+
+_IMAGE_ID_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{1,64})$")
+
+
+def image_id_prefix(ref: str) -> str | None:
+    """The hex an image-ID spelling gives (``sha256:0408c9``, ``0408c9fa5437``), or None."""
+    m = _IMAGE_ID_RE.match(ref)
+    return m.group(1) if m else None

@@ -4,7 +4,8 @@ Accepted forms (the prefixes are skopeo's transport names)::
 
     oci:PATH[:TAG]              OCI image layout directory
     oci-archive:PATH[:TAG]      OCI image layout in a tar
-    docker-archive:PATH[:REF]   docker save tar; REF is NAME:TAG or @N (N-th image)
+    docker-archive:PATH[:REF]   docker save tar; REF is NAME:TAG, an image ID or @N (N-th image)
+    dir:PATH                    containers/image's dir: transport (skopeo, podman docker-dir)
     PATH[:REF]                  any of the above, detected from the contents
 
 A path may itself contain ``:``. skopeo splits at the first ``:``; here the
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from imagefs.errors import UsageError
 
-TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
 
 
 @dataclass(frozen=True, slots=True)
