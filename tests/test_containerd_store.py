@@ -19,11 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.errors import BlobError, BlobMissingError, SourceError, SourceNotFoundError
+from imagefs.errors import (
+    BlobError,
+    BlobMissingError,
+    CorruptStoreError,
+    SourceError,
+    SourceNotFoundError,
+)
 from imagefs.sources import host_platform, open_image
 from imagefs.sources.bbolt import BoltFile, walk
 from imagefs.sources.containerd import CONTENT_DIR, META_DB, read_images
 from tests import builder
+from tests.boltwriter import Tree, write_bolt
 from tests.builder import directory, file
 from tests.containerd_store import Containerd, tree_state
 from tests.images import BuiltImage
@@ -121,6 +128,56 @@ def images_json(root: Path, *options: str) -> list[dict[str, object]]:
     assert result.returncode == 0, result.stderr
     listed: list[dict[str, object]] = json.loads(result.stdout)
     return listed
+
+
+# -- meta.db records, hand-built (no daemon) ---------------------------------------------------
+
+UNIX_1600000000 = (1600000000 + 62135596800).to_bytes(8, "big")  # Go counts from year 1
+GO_TIME = b"\x01" + UNIX_1600000000 + (250).to_bytes(4, "big") + b"\xff\xff"  # UTC
+DIGEST = "sha256:" + "ab" * 32
+
+
+def meta_db(tmp_path: Path, target: Tree, name: bytes = b"docker.io/library/x:1") -> Path:
+    image = {b"target": target, b"createdat": GO_TIME, b"labels": {b"k": b"v"}}
+    path = tmp_path / "meta.db"
+    write_bolt(path, {b"v1": {b"version": b"\x06", b"ns1": {b"images": {name: image}}}})
+    return path
+
+
+def test_hand_built_image_record(tmp_path: Path) -> None:
+    target: Tree = {
+        b"digest": DIGEST.encode(),
+        b"mediatype": b"application/vnd.oci.image.index.v1+json",
+        b"size": b"\xd6\x08",  # Go binary.PutVarint(555): zigzag, so 1110 in LEB128
+    }
+    with BoltFile.open(str(meta_db(tmp_path, target))) as db:
+        (image,) = read_images(db)
+    assert (image.namespace, image.name) == ("ns1", "docker.io/library/x:1")
+    assert image.target.digest == DIGEST and image.target.size == 555
+    assert image.target.media_type == "application/vnd.oci.image.index.v1+json"
+    assert image.created == "2020-09-13T12:26:40.000000250Z" and image.updated == ""
+    assert image.labels == (("k", "v"),)
+
+
+@pytest.mark.parametrize(
+    ("target", "name", "message"),
+    [
+        ({b"digest": b"sha256:zz", b"mediatype": b"t", b"size": b"\x02"}, None, "malformed"),
+        ({b"digest": DIGEST.encode(), b"mediatype": b"t"}, None, "lacks its digest"),
+        ({b"digest": DIGEST.encode(), b"mediatype": b"t", b"size": b"\x80" * 11}, None, "varint"),
+        ({b"digest": DIGEST.encode(), b"mediatype": b"t", b"size": b"\x01"}, None, "negative"),
+        ({b"digest": DIGEST.encode(), b"mediatype": b"\xff", b"size": b"\x02"}, None, "UTF-8"),
+        ({b"digest": DIGEST.encode(), b"mediatype": b"t", b"size": b"\x02"}, b"\xfe", "UTF-8"),
+    ],
+    ids=["bad-digest", "no-size", "long-varint", "negative-size", "bad-type", "bad-name"],
+)
+def test_corrupt_image_records(
+    tmp_path: Path, target: Tree, name: bytes | None, message: str
+) -> None:
+    path = meta_db(tmp_path, target, name or b"docker.io/library/x:1")
+    with BoltFile.open(str(path)) as db, pytest.raises(CorruptStoreError, match=message) as caught:
+        read_images(db)
+    assert str(path) in str(caught.value)
 
 
 # -- while containerd runs -----------------------------------------------------------------

@@ -36,7 +36,7 @@ from imagefs.image import Image, Platform
 from imagefs.progress import Progress, human_bytes
 from imagefs.registry import RegistryOptions, is_registry_source
 from imagefs.registry.cliargs import add_registry_arguments, registry_options
-from imagefs.sources import list_store_images, open_image, parse_platform
+from imagefs.sources import is_store_source, list_store_images, open_image, parse_platform
 from imagefs.sources.containerd import DEFAULT_ROOT as CONTAINERD_ROOT
 from imagefs.tree.loader import LoadedImage, load_image, scan_layer
 from imagefs.tree.persisted import load_cached
@@ -233,14 +233,17 @@ class _Resolver:
             if self._registry is None:
                 self._registry = registry_options(self.args, source)
             registry = self._registry
+        # --namespace and --store-root are for the host-store SOURCEs among
+        # several (diff containerd:app oci:./baseline).
+        in_store = is_store_source(source)
         return open_any_image(
             source,
             image=self.args.image,
             platform=self.platform,
             registry=registry,
             cache_dir=self.args.cache_dir,
-            namespace=self.args.namespace,
-            store_root=self.args.store_root,
+            namespace=self.args.namespace if in_store else None,
+            store_root=self.args.store_root if in_store else None,
         )
 
 

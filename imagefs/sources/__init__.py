@@ -6,6 +6,7 @@ Public surface::
     parse_platform("linux/arm64/v8") -> Platform
     host_platform() -> Platform
     is_local_source(source) -> bool
+    is_store_source(source) -> bool
     list_store_images(*, store_root=None, namespace=None, platform=None) -> list[StoreImage]
 
 Modules: ``spec`` (SOURCE parsing), ``tarmembers`` (outer tar index),
@@ -37,10 +38,16 @@ __all__ = [
     "StoreImage",
     "host_platform",
     "is_local_source",
+    "is_store_source",
     "list_store_images",
     "open_image",
     "parse_platform",
 ]
+
+
+def is_store_source(source: str) -> bool:
+    """True for an image in a host store (``containerd:REF``)."""
+    return split_store(source) is not None
 
 
 def open_image(
