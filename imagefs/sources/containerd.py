@@ -315,9 +315,7 @@ def find_image(images: list[ContainerdImage], ref: str, where: str) -> Container
     if not matches:
         prefix = _ID_PREFIX.match(ref)
         if prefix is not None:
-            matches = [
-                i for i in images if i.target.digest.partition(":")[2].startswith(prefix.group(1))
-            ]
+            matches = [i for i in images if i.target.digest.encoded.startswith(prefix.group(1))]
     if not matches:
         names = sorted({image.name for image in images})
         shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
