@@ -35,7 +35,8 @@ STRESS_SECONDS ?= 60
 fuzz: bootstrap
 	IMAGEFS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) IMAGEFS_HOSTILE_SCALE=full \
 	IMAGEFS_STRESS_SECONDS=$(STRESS_SECONDS) \
-	$(PY) -m pytest -s --hypothesis-show-statistics tests/test_fuzz.py tests/test_hostile.py \
+	$(PY) -m pytest -s --hypothesis-show-statistics tests/test_fuzz.py tests/test_bbolt.py \
+	tests/test_hostile.py \
 	tests/test_stress.py $(PYTEST_ARGS)
 
 format: bootstrap

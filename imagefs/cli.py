@@ -1,5 +1,5 @@
 """Command line: ``imagefs mount``, ``umount``, ``mounts``, ``pull``, ``cache``,
-``inspect``, ``which`` and ``diff``.
+``inspect``, ``which``, ``diff`` and ``images``.
 
 Errors are printed as one line (``imagefs: <what went wrong>``) with a
 non-zero exit status; ``--debug`` adds the traceback and debug logging.
@@ -92,8 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "source",
         metavar="SOURCE",
-        help="[docker-archive:|oci:|oci-archive:|dir:]PATH, or a registry image "
-        "[docker://]NAME[:TAG]",
+        help="[docker-archive:|oci:|oci-archive:|dir:]PATH, a registry image "
+        "[docker://]NAME[:TAG], or containerd:REF (the host's containerd store)",
     )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     mount.add_argument("--image", metavar="NAME:TAG", help="image to use from a multi-image tar")
@@ -153,6 +153,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the file system as it stood after layer N (0 = base; -1 = last)",
     )
     registry_cli.add_registry_arguments(mount)
+    forensics.add_store_arguments(mount)
 
     umount = commands.add_parser(
         "umount",
@@ -210,6 +211,8 @@ def _run_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         upto=args.upto,
         decoded_cache_bytes=args.decoded_cache << 20,
         readahead_kb=args.readahead,
+        namespace=args.namespace,
+        store_root=args.store_root,
     )
     mount(request)
 

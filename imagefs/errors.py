@@ -13,6 +13,7 @@ non-zero without a traceback::
     │   ├── PlatformError         no manifest for the requested platform
     │   ├── MediaTypeError        a media type imagefs does not understand
     │   ├── NotCachedError        --offline, and the cache lacks the image
+    │   ├── CorruptStoreError     a host store's database (containerd's meta.db) is corrupt
     │   └── RegistryError         a registry request failed (after retries)
     │       ├── RegistryAuthError      401: credentials missing or refused
     │       ├── RegistryDeniedError    403: authenticated but not allowed
@@ -65,6 +66,10 @@ class MediaTypeError(SourceError):
 
 class NotCachedError(SourceNotFoundError):
     """``--offline``: the image (tag, manifest or a blob) is not in the local cache."""
+
+
+class CorruptStoreError(SourceError):
+    """A host image store's own records (containerd's bbolt meta.db) are corrupt or truncated."""
 
 
 class RegistryError(SourceError):

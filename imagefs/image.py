@@ -34,6 +34,18 @@ class BlobFeed(Protocol):
         ...
 
 
+class BlobOpener(Protocol):
+    """Opens a blob file some other way than ``os.open`` of its path.
+
+    Host stores (containerd's content store) are read through
+    ``imagefs.layers.beneath``, which never follows a symlink inside the store.
+    """
+
+    def open_fd(self) -> int:
+        """A new read-only descriptor on the blob file; the caller closes it."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class BlobRange:
     """A blob stored as a byte range of a local file.
@@ -41,19 +53,34 @@ class BlobRange:
     Layers inside a ``docker save`` tarball are read in place: ``path`` is the
     outer tar and ``offset``/``length`` locate the member's data. For a blob
     stored as its own file, ``offset`` is 0 and ``length`` its size.
-    ``feed`` is set while the file is still being downloaded (see BlobFeed).
+    ``feed`` is set while the file is still being downloaded (see BlobFeed);
+    ``opener``, when the file must be opened another way (see BlobOpener).
+    ``path`` still names the file in messages.
     """
 
     path: str
     offset: int
     length: int
     feed: BlobFeed | None = field(default=None, compare=False, hash=False, repr=False)
+    opener: BlobOpener | None = field(default=None, compare=False, hash=False, repr=False)
 
     def open_fd(self) -> int:
         """Open the underlying file read-only; the caller closes the descriptor."""
         if self.feed is not None:
             return self.feed.open_fd()
+        if self.opener is not None:
+            return self.opener.open_fd()
         return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def stat(self) -> os.stat_result:
+        """The file's status, reached the way :meth:`open_fd` reaches it."""
+        if self.opener is None:
+            return os.stat(self.path)
+        fd = self.opener.open_fd()
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
 
     def wait_for(self, end: int) -> None:
         """Block until the range's bytes ``[0, end)`` exist (only a download waits)."""

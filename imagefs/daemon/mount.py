@@ -96,6 +96,9 @@ class MountRequest:
     decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_MB << 20
     # The mount's readahead window in KiB (--readahead); 0 keeps the kernel's.
     readahead_kb: int = DEFAULT_READAHEAD_KB
+    # Host store sources (containerd:REF): --namespace and --store-root.
+    namespace: str | None = None
+    store_root: str | None = None
 
     def fuse_options(self) -> set[str]:
         # fsname shows as the first column of /proc/mounts: keep the source
@@ -250,6 +253,8 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 upto=request.upto,
                 warn=log.warning,
                 progress=progress,
+                namespace=request.namespace,
+                store_root=request.store_root,
             )
             image = loaded.image
         elif is_registry_source(request.source):
@@ -266,7 +271,13 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 progress=progress,
             )
         else:
-            image = open_image(request.source, image=request.image, platform=request.platform)
+            image = open_image(
+                request.source,
+                image=request.image,
+                platform=request.platform,
+                namespace=request.namespace,
+                store_root=request.store_root,
+            )
             if cache_dir is not None:
                 # The merged tree persists in the cache: built once, then mapped.
                 loaded = load_cached(

@@ -1,4 +1,4 @@
-"""The incident-response commands: ``inspect``, ``which``, ``diff``, and the
+"""The incident-response commands: ``inspect``, ``which``, ``diff``, ``images``, and the
 loading behind ``mount --layers`` / ``mount --upto``.
 
 None of them mounts anything: they read the layers' tar headers in place (and,
@@ -10,6 +10,7 @@ registry references are pulled into the cache first (as ``imagefs pull``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -32,14 +33,15 @@ from imagefs.forensics.inspect import inspect_image, report_json, report_text
 from imagefs.forensics.provenance import trace_json, trace_path, trace_text
 from imagefs.forensics.views import build_layer_views, upto_image
 from imagefs.image import Image, Platform
-from imagefs.progress import Progress
+from imagefs.progress import Progress, human_bytes
 from imagefs.registry import RegistryOptions, is_registry_source
 from imagefs.registry.cliargs import add_registry_arguments, registry_options
-from imagefs.sources import open_image, parse_platform
+from imagefs.sources import is_store_source, list_store_images, open_image, parse_platform
+from imagefs.sources.containerd import DEFAULT_ROOT as CONTAINERD_ROOT
 from imagefs.tree.loader import LoadedImage, load_image, scan_layer
 from imagefs.tree.persisted import load_cached
 
-COMMANDS = ("inspect", "which", "diff")
+COMMANDS = ("inspect", "which", "diff", "images")
 
 
 def _warn(message: str) -> None:
@@ -53,6 +55,8 @@ def open_any_image(
     platform: Platform | None = None,
     registry: RegistryOptions | None = None,
     cache_dir: Path | None = None,
+    namespace: str | None = None,
+    store_root: str | None = None,
 ) -> Image:
     """Resolve SOURCE: a local image in place, a registry one pulled into the cache."""
     if is_registry_source(source):
@@ -68,7 +72,9 @@ def open_any_image(
             options=registry or RegistryOptions(),
             cache_dir=ensure_cache_dir(cache_dir or default_cache_dir()),
         )
-    return open_image(source, image=image, platform=platform)
+    return open_image(
+        source, image=image, platform=platform, namespace=namespace, store_root=store_root
+    )
 
 
 def load_for_mount(
@@ -82,6 +88,8 @@ def load_for_mount(
     upto: int | None,
     warn: Callable[[str], None],
     progress: Progress,
+    namespace: str | None = None,
+    store_root: str | None = None,
 ) -> LoadedImage:
     """The tree ``mount --layers`` and/or ``--upto N`` serves (blocking).
 
@@ -91,7 +99,13 @@ def load_for_mount(
     not for a mount that lives for weeks.
     """
     resolved = open_any_image(
-        source, image=image, platform=platform, registry=registry, cache_dir=cache_dir
+        source,
+        image=image,
+        platform=platform,
+        registry=registry,
+        cache_dir=cache_dir,
+        namespace=namespace,
+        store_root=store_root,
     )
     if upto is not None:
         resolved = upto_image(resolved, upto)
@@ -158,10 +172,43 @@ def add_commands(
             "--cache-dir", type=Path, help=f"cache directory (default: {default_cache_dir()})"
         )
         add_registry_arguments(parser)
+        add_store_arguments(parser)
+    images = commands.add_parser(
+        "images",
+        parents=[common],
+        help="list the images in this host's engine stores (containerd)",
+        description="List the images found in the host stores present (or the one at "
+        "--store-root): store, namespace, name, digest and size. Read offline: no daemon "
+        "is asked, nothing in the store is written or locked.",
+    )
+    images.add_argument("--json", action="store_true", help="machine-readable output")
+    images.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", help="platform whose size to sum for indexes"
+    )
+    add_store_arguments(images)
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--namespace`` and ``--store-root``, for host store sources (``containerd:REF``)."""
+    group = parser.add_argument_group("host store sources (containerd:REF)")
+    group.add_argument(
+        "--namespace", metavar="NS", help="containerd namespace to search (default: every one)"
+    )
+    group.add_argument(
+        "--store-root",
+        metavar="DIR",
+        help=f"the store's root directory (default: {CONTAINERD_ROOT} for containerd:)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    {"inspect": _run_inspect, "which": _run_which, "diff": _run_diff}[args.command](args)
+    commands = {
+        "inspect": _run_inspect,
+        "which": _run_which,
+        "diff": _run_diff,
+        "images": _run_images,
+    }
+    commands[args.command](args)
 
 
 def _emit(lines: Iterable[str]) -> None:
@@ -186,12 +233,17 @@ class _Resolver:
             if self._registry is None:
                 self._registry = registry_options(self.args, source)
             registry = self._registry
+        # --namespace and --store-root are for the host-store SOURCEs among
+        # several (diff containerd:app oci:./baseline).
+        in_store = is_store_source(source)
         return open_any_image(
             source,
             image=self.args.image,
             platform=self.platform,
             registry=registry,
             cache_dir=self.args.cache_dir,
+            namespace=self.args.namespace if in_store else None,
+            store_root=self.args.store_root if in_store else None,
         )
 
 
@@ -281,3 +333,23 @@ def _print_diff(args: argparse.Namespace, old: Side, new: Side) -> None:
         _emit([diff_json(old.label, new.label, differences)])
         return
     _emit([f"--- {old.label}", f"+++ {new.label}", *map(difference_line, differences)])
+
+
+def _run_images(args: argparse.Namespace) -> None:
+    found = list_store_images(
+        store_root=args.store_root,
+        namespace=args.namespace,
+        platform=parse_platform(args.platform) if args.platform else None,
+    )
+    if args.json:
+        _emit([json.dumps([dataclasses.asdict(image) for image in found], indent=2)])
+        return
+    table = [("STORE", "NAMESPACE", "NAME", "DIGEST", "SIZE")]
+    for image in found:
+        size = "-" if image.size is None else human_bytes(image.size)
+        table.append((image.store, image.namespace, image.name, image.digest, size))
+    widths = [max(len(row[column]) for row in table) for column in range(4)]
+    _emit(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True)).rstrip()
+        for row in table
+    )

@@ -25,8 +25,9 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-__all__ = ["Beneath", "open_beneath", "open_regular"]
+__all__ = ["Beneath", "BeneathFile", "open_beneath", "open_regular"]
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic table)
 _RESOLVE_NO_MAGICLINKS = 0x02
@@ -229,3 +230,23 @@ class Beneath:
                 yield from entries
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class BeneathFile:
+    """A regular file of a tree, reopened beneath its root each time (an image.BlobOpener).
+
+    Layer readers reopen blobs long after the source was resolved (in the
+    mount daemon, after a fork); each open walks the store again without
+    following a symlink, so a blob swapped for a symlink since is refused.
+    """
+
+    root: str
+    relpath: str
+
+    def open_fd(self) -> int:
+        root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return open_regular(root_fd, self.relpath)
+        finally:
+            os.close(root_fd)

@@ -72,7 +72,7 @@ def blob_identity(layer: Layer) -> list[int]:
     mtime back (utimensat) and may get a deleted blob's inode number again;
     nobody but the clock sets a ctime.
     """
-    st = os.stat(layer.blob.path)
+    st = layer.blob.stat()
     return [layer.blob.offset, layer.blob.length,
             st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]  # fmt: skip
 

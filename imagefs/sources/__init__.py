@@ -2,16 +2,19 @@
 
 Public surface::
 
-    open_image(source, *, image=None, platform=None) -> Image
+    open_image(source, *, image=None, platform=None, namespace=None, store_root=None) -> Image
     parse_platform("linux/arm64/v8") -> Platform
     host_platform() -> Platform
     is_local_source(source) -> bool
+    is_store_source(source) -> bool
+    list_store_images(*, store_root=None, namespace=None, platform=None) -> list[StoreImage]
 
 Modules: ``spec`` (SOURCE parsing), ``tarmembers`` (outer tar index),
 ``store`` (directory / tar member access), ``manifest`` (JSON validation,
 digests, platform selection), ``ocilayout`` (OCI layouts and oci-archives),
 ``dockerarchive`` (``docker save`` shapes), ``dirtransport`` (skopeo's
-``dir:``), ``names`` (Docker name normalisation), ``platform``.
+``dir:``), ``names`` (Docker name normalisation), ``platform``; host stores:
+``bbolt`` (bbolt files), ``containerd`` (containerd's metadata and content store).
 """
 
 from __future__ import annotations
@@ -21,26 +24,59 @@ import stat
 
 from imagefs.errors import SourceError, SourceNotFoundError, UsageError
 from imagefs.image import Image, Platform
+from imagefs.sources import containerd
+from imagefs.sources.containerd import open_containerd_image
 from imagefs.sources.dirtransport import is_dir_transport, open_dir_transport
 from imagefs.sources.dockerarchive import MANIFEST_JSON, open_docker_archive
+from imagefs.sources.hoststore import StoreImage
 from imagefs.sources.ocilayout import INDEX_FILE, LAYOUT_FILE, open_layout
 from imagefs.sources.platform import host_platform, parse_platform
-from imagefs.sources.spec import is_local_source, parse_source
+from imagefs.sources.spec import is_local_source, parse_source, split_store
 from imagefs.sources.store import DirStore, TarStore
 from imagefs.sources.tarmembers import TarMembers
 
-__all__ = ["host_platform", "is_local_source", "open_image", "parse_platform"]
+__all__ = [
+    "StoreImage",
+    "host_platform",
+    "is_local_source",
+    "is_store_source",
+    "list_store_images",
+    "open_image",
+    "parse_platform",
+]
 
 
-def open_image(source: str, *, image: str | None = None, platform: Platform | None = None) -> Image:
+def is_store_source(source: str) -> bool:
+    """True for an image in a host store (``containerd:REF``)."""
+    return split_store(source) is not None
+
+
+def open_image(
+    source: str,
+    *,
+    image: str | None = None,
+    platform: Platform | None = None,
+    namespace: str | None = None,
+    store_root: str | None = None,
+) -> Image:
     """Resolve SOURCE (see :mod:`imagefs.sources.spec`) to an Image.
 
     ``image`` selects an image by name or tag, like a trailing ``:REF`` in
     SOURCE. ``platform`` chooses within image indexes; leave it None unless
     the user asked for one: None means the host's platform for indexes, and
     a docker save archive then yields the image its manifest.json describes.
+    ``namespace`` and ``store_root`` apply to host stores (``containerd:REF``).
     Blocks: reads the archive's headers and the manifests, never layer data.
     """
+    in_store = split_store(source)
+    if in_store is not None:
+        return _open_store_image(
+            *in_store, image=image, platform=platform, namespace=namespace, store_root=store_root
+        )
+    if namespace is not None or store_root is not None:
+        raise UsageError(
+            f"{source}: --namespace and --store-root are for host stores (containerd:REF)"
+        )
     spec = parse_source(source)
     ref = spec.ref
     if image is not None:
@@ -103,3 +139,45 @@ def open_image(source: str, *, image: str | None = None, platform: Platform | No
     if not has_layout:
         raise SourceError(f"{spec.path}: no index.json and oci-layout: not an OCI archive")
     return open_layout(tar, source=source, transport="oci-archive", ref=ref, platform=wanted)
+
+
+def _open_store_image(
+    transport: str,
+    ref: str,
+    *,
+    image: str | None,
+    platform: Platform | None,
+    namespace: str | None,
+    store_root: str | None,
+) -> Image:
+    if image is not None and ref and ref != image:
+        raise UsageError(f"{transport}:{ref}: names image {ref!r} but --image says {image!r}")
+    ref = ref or image or ""
+    if not ref:
+        raise UsageError(f"{transport}: needs an image reference after '{transport}:'")
+    wanted = platform if platform is not None else host_platform()
+    return open_containerd_image(ref, namespace=namespace, store_root=store_root, platform=wanted)
+
+
+def list_store_images(
+    *, store_root: str | None = None, namespace: str | None = None, platform: Platform | None = None
+) -> list[StoreImage]:
+    """The images of the host stores present (or of the one store at ``store_root``).
+
+    Without ``store_root`` each engine's default root is listed when it exists.
+    """
+    wanted = platform if platform is not None else host_platform()
+    if store_root is not None:
+        if containerd.is_containerd_root(store_root):
+            return containerd.list_containerd_images(
+                store_root, namespace=namespace, platform=wanted
+            )
+        raise SourceNotFoundError(
+            f"{store_root}: not a host image store root (no containerd meta.db)"
+        )
+    found: list[StoreImage] = []
+    if containerd.is_containerd_root(containerd.DEFAULT_ROOT):
+        found += containerd.list_containerd_images(
+            containerd.DEFAULT_ROOT, namespace=namespace, platform=wanted
+        )
+    return found

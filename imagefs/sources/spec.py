@@ -7,6 +7,7 @@ Accepted forms (the prefixes are skopeo's transport names)::
     docker-archive:PATH[:REF]   docker save tar; REF is NAME:TAG, an image ID or @N (N-th image)
     dir:PATH                    containers/image's dir: transport (skopeo, podman docker-dir)
     PATH[:REF]                  any of the above, detected from the contents
+    containerd:REF              an image in a host's containerd store (not a path)
 
 A path may itself contain ``:``. skopeo splits at the first ``:``; here the
 longest prefix that exists on disk is the path, so ``a:b.tar:x:1`` works when
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from imagefs.errors import UsageError
 
 TRANSPORTS = ("oci", "oci-archive", "docker-archive", "dir")
+# Host stores: what follows the prefix is an image reference inside the store.
+STORE_TRANSPORTS = ("containerd",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,14 @@ def split_transport(source: str) -> tuple[str | None, str]:
         if source.startswith(transport + ":"):
             return transport, source[len(transport) + 1 :]
     return None, source
+
+
+def split_store(source: str) -> tuple[str, str] | None:
+    """``containerd:nginx`` -> ("containerd", "nginx"); None for anything else."""
+    for transport in STORE_TRANSPORTS:
+        if source.startswith(transport + ":"):
+            return transport, source[len(transport) + 1 :]
+    return None
 
 
 def parse_source(source: str) -> SourceSpec:
@@ -63,7 +74,7 @@ def is_local_source(source: str) -> bool:
     reference such as ``alpine:3``.
     """
     transport, _ = split_transport(source)
-    if transport is not None:
+    if transport is not None or split_store(source) is not None:
         return True
     spec = parse_source(source) if source else None
     return spec is not None and os.path.lexists(spec.path)
