@@ -197,10 +197,10 @@ def test_deep_merge_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     walked = 0
     resolve = _Merger._resolve
 
-    def counting(self: _Merger, parts: list[str], create_layer: int | None) -> object:
+    def counting(self: _Merger, path: str, create_layer: int | None) -> object:
         nonlocal walked
-        walked += len(parts)
-        return resolve(self, parts, create_layer)
+        walked += len(path.split("/")) if path else 0
+        return resolve(self, path, create_layer)
 
     monkeypatch.setattr(_Merger, "_resolve", counting)
 
