@@ -6,7 +6,7 @@ tar) and a probe: a file entry at a path P in the layer above. The merge
 places the probe at a resolved path R (its ADD change); ``imagefs which P``
 must answer the same R, both on the image without the probe (where nothing
 is at R yet: "where would P land") and on the image with it (P is the probe
-file). Where umoci's secure
+file), and so must the in-memory and the mapped tree. Where umoci's secure
 join agrees with the documented rules, umoci's unpack of the same image is
 the independent oracle for R.
 """
@@ -24,6 +24,7 @@ from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.progress import Progress
 from imagefs.sources import open_image
 from imagefs.tree.loader import scan_layer
+from imagefs.tree.merged import freeze
 from imagefs.tree.overlay import (
     Change,
     ChangeKind,
@@ -32,7 +33,9 @@ from imagefs.tree.overlay import (
     implied_directory,
     merge_layers,
 )
+from imagefs.tree.packed import open_packed_tree, write_packed_root
 from imagefs.tree.resolve import LITERAL, MAX_SYMLINK_HOPS, Resolved, resolve
+from imagefs.tree.served import resolve_in_tree
 from tests import builder
 from tests.builder import Member, directory, file, symlink
 from tests.mounting import run_imagefs
@@ -308,8 +311,21 @@ def test_which_resolves_as_the_merge_places(
     before = trace_path(lower_image, lower_entries, probe)
     assert before.resolved == expected
     assert before.node is None or before.node.type is not EntryType.FILE
-    # With it: P is the probe file, added by layer 1.
+    # With it: P is the probe file, added by layer 1; the served trees agree.
     after = trace_path(image, entries, probe)
+    root = merge_layers(entries, lambda message: None)
+    frozen = freeze(root)
+    in_memory = resolve_in_tree(frozen, probe)
+    write_packed_root(root, tmp_path / "tree", {})
+    packed = open_packed_tree(tmp_path / "tree", {})
+    assert packed is not None
+    try:
+        mapped = resolve_in_tree(packed, probe)
+    finally:
+        packed.close()
+    for served in (in_memory, mapped):
+        assert served.path == expected and served.node is not None
+        assert served.node.type is EntryType.FILE and served.node.layer == 1
     assert after.resolved == expected
     assert after.node is not None and after.node.type is EntryType.FILE
     assert after.node.layer == 1

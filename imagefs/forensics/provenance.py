@@ -46,6 +46,7 @@ from imagefs.tree.overlay import (
     merge_layers,
 )
 from imagefs.tree.resolve import resolve
+from imagefs.tree.served import Attributes
 
 XATTR_PREFIX = "user.imagefs."
 LAYER_XATTR = "user.imagefs.layer"
@@ -78,7 +79,7 @@ class Provenance:
         self._warn = warn
         self._warned: set[int] = set()
 
-    def getxattr(self, ino: int, node: Node, name: str) -> bytes | None:
+    def getxattr(self, ino: int, node: Attributes, name: str) -> bytes | None:
         """The image's own xattr ``name`` of ``node`` if it has one, else provenance."""
         value = node.xattrs.get(name)
         if value is None:
@@ -93,7 +94,7 @@ class Provenance:
             )
         return value
 
-    def xattr(self, node: Node, name: str) -> bytes | None:
+    def xattr(self, node: Attributes, name: str) -> bytes | None:
         """The value of provenance xattr ``name`` for ``node``, or None."""
         if not name.startswith(XATTR_PREFIX) or not 0 <= node.layer < len(self.layers):
             return None
@@ -201,11 +202,11 @@ _KIND_NAMES = {
 }
 
 
-def kind_name(node: Node) -> str:
+def kind_name(node: Attributes) -> str:
     return _KIND_NAMES[node.type]
 
 
-def describe(node: Node) -> str:
+def describe(node: Attributes) -> str:
     """``file 0644 0:0 1234 bytes``, ``symlink -> target``, ``char 1,3``..."""
     base = f"{kind_name(node)} {node.mode:04o} {node.uid}:{node.gid}"
     if node.type is EntryType.FILE:
@@ -217,7 +218,7 @@ def describe(node: Node) -> str:
     return base
 
 
-def node_json(node: Node) -> dict[str, Any]:
+def node_json(node: Attributes) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": kind_name(node),
         "mode": f"{node.mode:04o}",
