@@ -278,7 +278,7 @@ class FormatVersion:
 
     @property
     def tag(self) -> str:
-        """``tree1-merge1-scan1-tarindex1``: this version, then all it derives from, by name."""
+        """``tree1-merge2-scan2-tarindex1``: this version, then all it derives from, by name."""
         versions = self._all()
         own = versions.pop(self.name)
         return "-".join([f"{self.name}{own}", *(f"{n}{v}" for n, v in sorted(versions.items()))])
@@ -288,7 +288,9 @@ class FormatVersion:
 # 2: symlinks report mode 0777, as lstat(2) does, not the header's.
 SCANNER = FormatVersion("scan", 2)
 # The OCI overlay rules: which nodes a set of layers makes (imagefs.tree.overlay).
-MERGE = FormatVersion("merge", 1)
+# 2: one secure-join resolver (imagefs.tree.resolve); past 40 symlink hops the
+# first link of the path is replaced, not the last one reached.
+MERGE = FormatVersion("merge", 2)
 # A layer's cached entries (imagefs.layers.index): the scanner's output, encoded.
 TAR_INDEX = FormatVersion("tarindex", 1, (SCANNER,))
 # gzip checkpoints exported from rapidgzip (imagefs.layers.gzip).

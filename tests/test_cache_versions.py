@@ -23,6 +23,7 @@ from imagefs.layers.plumbing import cache_path
 from imagefs.registry.blobstore import BlobStore
 from imagefs.sources import open_image
 from imagefs.tree.persisted import load_cached, tree_path
+from imagefs.tree.served import walk
 from tests import builder
 from tests.builder import directory, file
 
@@ -63,17 +64,10 @@ def _identities(cache: Path, image: Image) -> dict[str, tuple[int, int] | None]:
     return found
 
 
-def _listing(image: Image, cache: Path) -> list[tuple[bytes, int]]:
+def _listing(image: Image, cache: Path) -> list[tuple[str, int]]:
     loaded = load_cached(image, cache_dir=cache)
     try:
-        names = []
-        stack = [1]
-        while stack:
-            listing = loaded.tree.get(stack.pop()).listing  # type: ignore[union-attr]
-            for name, ino in listing or ():
-                names.append((name, loaded.tree.stat(ino).size))  # type: ignore[union-attr]
-                stack.append(ino)
-        return sorted(names)
+        return sorted((path, inode.size) for path, inode in walk(loaded.tree))
     finally:
         loaded.close()
 
@@ -121,5 +115,5 @@ def test_bumping_a_version_rebuilds_exactly_its_dependents(
 def test_every_cache_format_has_a_distinct_tag() -> None:
     tags = [version.tag for version in FORMATS]
     assert len(set(tags)) == len(tags)
-    assert cachedir.TREE.tag == "tree1-merge1-scan2-tarindex1"
+    assert cachedir.TREE.tag == "tree1-merge2-scan2-tarindex1"
     assert all(os.sep not in tag and "." not in tag for tag in tags)

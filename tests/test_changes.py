@@ -18,6 +18,7 @@ from imagefs.forensics.views import (
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.tree.merged import freeze
 from imagefs.tree.overlay import Change, ChangeKind, merge_layers, merge_steps
+from imagefs.tree.served import lookup_path
 
 F, D, L, H = EntryType.FILE, EntryType.DIRECTORY, EntryType.SYMLINK, EntryType.HARDLINK
 ADD, UPDATE, IMPLY = ChangeKind.ADD, ChangeKind.UPDATE, ChangeKind.IMPLY
@@ -157,11 +158,11 @@ def test_removed_tree_merges_a_directory_removed_after_its_child() -> None:
 def test_layer_views_tree_freezes_with_separate_inodes() -> None:
     layers = [[e("t", offset=512), e("h", H, link="t")], [e(".wh.t")]]
     tree = freeze(build_layer_views(layers, lambda message: None))
-    final = tree.resolve("rootfs/h")
-    first = tree.resolve("upto/0/h")
-    deleted = tree.resolve("deleted/1/t")
+    final = lookup_path(tree, "rootfs/h")
+    first = lookup_path(tree, "upto/0/h")
+    deleted = lookup_path(tree, "deleted/1/t")
     assert final is not None and first is not None and deleted is not None
     assert final.nlink == 1 and first.nlink == 2 and deleted.nlink == 1
     assert len({final.ino, first.ino, deleted.ino}) == 3
-    assert tree.resolve("layers/1/.wh.t") is not None
-    assert tree.resolve("shadowed/1") is not None
+    assert lookup_path(tree, "layers/1/.wh.t") is not None
+    assert lookup_path(tree, "shadowed/1") is not None

@@ -26,6 +26,7 @@ from imagefs.sources import open_image
 from imagefs.tree.loader import load_image
 from imagefs.tree.merged import freeze
 from imagefs.tree.overlay import _Merger, merge_layers
+from imagefs.tree.served import lookup_path
 from tests.hostile.corpus import Case, Refused, Served, cases, deep_path
 from tests.mounting import is_mounted, mounted, run_imagefs
 
@@ -92,9 +93,8 @@ def test_loader(case_env: Case, layouts: dict[str, Path], tmp_path: Path) -> Non
     loaded = load_image(image, cache_dir=tmp_path / "cache", warn=warnings.append)
     try:
         for path, expected in case.expect.present.items():
-            inode = loaded.tree.resolve(path)
-            assert inode is not None, path
-            node = inode.node
+            node = lookup_path(loaded.tree, path)
+            assert node is not None, path
             if isinstance(expected, bytes):
                 assert node.type is EntryType.FILE, path
                 assert loaded.content.read(node, 0, node.size + 1) == expected
@@ -103,7 +103,7 @@ def test_loader(case_env: Case, layouts: dict[str, Path], tmp_path: Path) -> Non
             else:
                 assert node.type is EntryType.SYMLINK and "-> " + node.target == expected
         for path in case.expect.absent:
-            assert loaded.tree.resolve(path) is None, path
+            assert lookup_path(loaded.tree, path) is None, path
         for warning in case.expect.warns:
             assert any(warning in line for line in warnings), (warning, warnings)
         assert all("\n" not in repr(line) for line in warnings)
@@ -197,10 +197,10 @@ def test_deep_merge_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     walked = 0
     resolve = _Merger._resolve
 
-    def counting(self: _Merger, parts: list[str], create_layer: int | None) -> object:
+    def counting(self: _Merger, path: str, create_layer: int | None) -> object:
         nonlocal walked
-        walked += len(parts)
-        return resolve(self, parts, create_layer)
+        walked += len(path.split("/")) if path else 0
+        return resolve(self, path, create_layer)
 
     monkeypatch.setattr(_Merger, "_resolve", counting)
 
@@ -212,7 +212,7 @@ def test_deep_merge_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
 
     tree = freeze(merge_layers([entries()], lambda _: None))
     assert walked < 4 * depth
-    assert tree.resolve(deep_path(depth) + "/f") is not None
+    assert lookup_path(tree, deep_path(depth) + "/f") is not None
 
 
 def test_corpus_size() -> None:

@@ -9,6 +9,7 @@ import pytest
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.tree.merged import MergedTree, freeze
 from imagefs.tree.overlay import clean_path, merge_layers
+from imagefs.tree.served import lookup_path, walk
 
 F, D, L, H = EntryType.FILE, EntryType.DIRECTORY, EntryType.SYMLINK, EntryType.HARDLINK
 
@@ -46,10 +47,9 @@ def merged(*layers: list[TarEntry]) -> tuple[MergedTree, list[str]]:
 def view(tree: MergedTree) -> dict[str, str]:
     """path -> short description ("f@L0", "d", "l->target"), root omitted."""
     out = {}
-    for path, inode in tree.walk():
+    for path, node in walk(tree):
         if not path:
             continue
-        node = inode.node
         if node.type is D:
             out[path] = "d"
         elif node.type is L:
@@ -177,58 +177,58 @@ def test_merge_rules(name: str) -> None:
 
 def test_directory_attributes_replaced_by_upper() -> None:
     tree, _ = merged([e("a/", D, mode=0o755, uid=1), e("a/x")], [e("a/", D, mode=0o700, uid=2)])
-    a = tree.resolve("a")
+    a = lookup_path(tree, "a")
     assert a is not None
-    assert (a.node.mode, a.node.uid, a.node.layer) == (0o700, 2, 1)
+    assert (a.mode, a.uid, a.layer) == (0o700, 2, 1)
 
 
 def test_root_entry_sets_root_attributes() -> None:
     tree, _ = merged([e("./", D, mode=0o711, uid=7), e("x")])
-    root = tree.resolve("")
-    assert root is not None and (root.node.mode, root.node.uid) == (0o711, 7)
+    root = lookup_path(tree, "")
+    assert root is not None and (root.mode, root.uid) == (0o711, 7)
 
 
 def test_hardlinks_share_inode_and_count_links() -> None:
     tree, warnings = merged(
         [e("a", size=3, offset=512), e("b", H, link="a"), e("d/c", H, link="./a")]
     )
-    a, b, c = (tree.resolve(p) for p in ("a", "b", "d/c"))
-    assert a is not None and a is b is c
+    a, b, c = (lookup_path(tree, p) for p in ("a", "b", "d/c"))
+    assert a is not None and b is not None and c is not None and a.ino == b.ino == c.ino
     assert a.nlink == 3 and not warnings
 
 
 def test_hardlink_survives_whiteout_of_target() -> None:
     tree, _ = merged([e("a", size=3, offset=512), e("b", H, link="a")], [e(".wh.a")])
-    assert tree.resolve("a") is None
-    b = tree.resolve("b")
-    assert b is not None and b.nlink == 1 and b.node.data_offset == 512
+    assert lookup_path(tree, "a") is None
+    b = lookup_path(tree, "b")
+    assert b is not None and b.nlink == 1 and b.data_offset == 512
 
 
 def test_hardlink_to_lower_layer_file() -> None:
     tree, _ = merged([e("a", size=3)], [e("b", H, link="a")])
-    a, b = tree.resolve("a"), tree.resolve("b")
-    assert a is not None and a is b and a.nlink == 2
+    a, b = lookup_path(tree, "a"), lookup_path(tree, "b")
+    assert a is not None and b is not None and a.ino == b.ino and a.nlink == 2
 
 
 def test_hardlink_keeps_original_data_when_target_overwritten_later() -> None:
     tree, _ = merged([e("a", size=1, offset=512), e("b", H, link="a"), e("a", size=2, offset=2048)])
-    a, b = tree.resolve("a"), tree.resolve("b")
-    assert a is not None and b is not None and a is not b
-    assert b.node.data_offset == 512 and a.node.data_offset == 2048
+    a, b = lookup_path(tree, "a"), lookup_path(tree, "b")
+    assert a is not None and b is not None and a.ino != b.ino
+    assert b.data_offset == 512 and a.data_offset == 2048
     assert a.nlink == 1 and b.nlink == 1
 
 
 @pytest.mark.parametrize("link", ["missing", "later", "dir", "b"])
 def test_bad_hardlinks_are_dropped_with_warning(link: str) -> None:
     tree, warnings = merged([e("dir/", D), e("b", H, link=link), e("later")])
-    assert tree.resolve("b") is None
+    assert lookup_path(tree, "b") is None
     assert any("hardlink" in w for w in warnings)
 
 
 def test_directory_link_counts() -> None:
     tree, _ = merged([e("a/", D), e("a/b/", D), e("a/c/", D), e("a/f")])
-    a = tree.resolve("a")
-    root = tree.resolve("")
+    a = lookup_path(tree, "a")
+    root = lookup_path(tree, "")
     assert a is not None and root is not None
     assert a.nlink == 4 and root.nlink == 3
 
@@ -237,8 +237,8 @@ def test_inode_numbers_are_stable_and_dot_dot_works() -> None:
     layers = [[e("b/", D), e("b/z"), e("a")]]
     first, _ = merged(*layers)
     second, _ = merged(*layers)
-    assert [(p, i.ino) for p, i in first.walk()] == [(p, i.ino) for p, i in second.walk()]
-    b = first.resolve("b")
+    assert [(p, i.ino) for p, i in walk(first)] == [(p, i.ino) for p, i in walk(second)]
+    b = lookup_path(first, "b")
     assert b is not None
     parent = first.lookup(b.ino, b"..")
     assert parent is not None and parent.ino == 1
@@ -247,7 +247,7 @@ def test_inode_numbers_are_stable_and_dot_dot_works() -> None:
 def test_deep_nesting_has_no_recursion_limit() -> None:
     path = "/".join(["d"] * 5000) + "/leaf"
     tree, _ = merged([e(path)])
-    assert tree.resolve(path) is not None
+    assert lookup_path(tree, path) is not None
 
 
 @pytest.mark.parametrize(
@@ -274,5 +274,6 @@ def test_clean_path(raw: str, clean: str | None) -> None:
 def test_non_utf8_names_round_trip() -> None:
     name = os.fsdecode(b"caf\xe9")
     tree, _ = merged([e(name)])
-    root = tree.resolve("")
-    assert root is not None and root.names is not None and b"caf\xe9" in root.names
+    listing = tree.listing(1)
+    assert listing is not None and [name for name, _ in listing] == [b"caf\xe9"]
+    assert tree.lookup(1, b"caf\xe9") is not None

@@ -11,6 +11,7 @@ from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.tree.merged import MergedTree, freeze
 from imagefs.tree.overlay import merge_layers
 from imagefs.tree.packed import open_packed_tree, write_packed_root, write_packed_tree
+from imagefs.tree.served import Tree, lookup_path, walk
 
 SOURCES = {"layers": ["sha256:aa", "sha256:bb"], "schema": 1}
 
@@ -39,15 +40,15 @@ def sample_tree() -> MergedTree:
     return freeze(merge_layers(layers, lambda message: None))
 
 
-def describe(tree: MergedTree) -> list[tuple[object, ...]]:
+def describe(tree: Tree) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
-    for path, inode in tree.walk():
-        node = inode.node
+    for path, inode in walk(tree):
+        listing = tree.listing(inode.ino)
         rows.append((
-            path, inode.ino, inode.nlink, inode.parent, node.type, node.mode, node.uid,
-            node.gid, node.size, node.mtime_ns, node.rdev, node.layer, node.data_offset,
-            node.target, dict(node.xattrs), node.sparse,
-            list(inode.listing) if inode.listing is not None else None,
+            path, inode.ino, inode.nlink, inode.parent, inode.type, inode.mode, inode.uid,
+            inode.gid, inode.size, inode.mtime_ns, inode.rdev, inode.layer, inode.data_offset,
+            inode.target, dict(inode.xattrs), inode.sparse,
+            list(listing) if listing is not None else None,
         ))  # fmt: skip
     return rows
 
@@ -71,12 +72,14 @@ def test_lookup_every_name_and_dot_entries(tmp_path: Path) -> None:
     packed = open_packed_tree(tmp_path / "tree", SOURCES)
     assert packed is not None
     try:
-        for _, inode in tree.walk():
-            for name, ino in inode.listing or ():
+        for _, inode in walk(tree):
+            for name, ino in tree.listing(inode.ino) or ():
                 found = packed.lookup(inode.ino, name)
                 assert found is not None and found.ino == ino
+                assert tree.lookup(inode.ino, name) == found
             assert packed.lookup(inode.ino, b"\xffmissing") is None
-            if inode.listing is not None:
+            assert tree.lookup(inode.ino, b"\xffmissing") is None
+            if tree.listing(inode.ino) is not None:
                 dot, dotdot = packed.lookup(inode.ino, b"."), packed.lookup(inode.ino, b"..")
                 assert dot is not None and dot.ino == inode.ino
                 assert dotdot is not None and dotdot.ino == inode.parent
@@ -137,7 +140,7 @@ def test_direct_write_from_merged_root_equals_frozen_tree(tmp_path: Path) -> Non
         frozen = freeze(root)
         assert describe(direct) == describe(frozen)
         assert (direct.count, direct.total_size) == (frozen.count, frozen.total_size)
-        hard = direct.resolve("a/x")
+        hard = lookup_path(direct, "a/x")
         assert hard is not None and hard.nlink == 2
     finally:
         direct.close()
@@ -151,10 +154,33 @@ def test_stat_fast_path_matches_full_records(tmp_path: Path) -> None:
     try:
         for ino in range(1, tree.count + 1):
             assert packed.stat(ino) == tree.stat(ino)
-        sparse = packed.resolve("sparse")
+        sparse = lookup_path(packed, "sparse")
         assert sparse is not None
         stat = packed.stat(sparse.ino)
         assert stat is not None and (stat.size, stat.stored) == (1 << 30, 30)
         assert packed.stat(0) is None and packed.stat(tree.count + 1) is None
+    finally:
+        packed.close()
+
+
+def test_both_trees_serve_the_same_read_only_records(tmp_path: Path) -> None:
+    """Issue #15, item 7: one interface, two implementations, no pretend subclass."""
+    tree = sample_tree()
+    write_packed_tree(tree, tmp_path / "tree", SOURCES)
+    packed = open_packed_tree(tmp_path / "tree", SOURCES)
+    assert packed is not None
+    try:
+        assert MergedTree not in type(packed).__mro__
+        for ino in range(1, tree.count + 1):
+            inode = tree.get(ino)
+            assert inode is not None and packed.get(ino) == inode
+            listing, served = tree.listing(ino), packed.listing(ino)
+            assert (listing is None) is (served is None) is (not inode.is_dir)
+            assert list(listing or ()) == list(served or ())
+            with pytest.raises(AttributeError):
+                inode.mode = 0o777  # type: ignore[misc]
+            with pytest.raises(TypeError):
+                inode.xattrs["user.new"] = b"x"  # type: ignore[index]
+        assert tree.listing(0) is None and packed.listing(tree.count + 1) is None
     finally:
         packed.close()

@@ -11,6 +11,7 @@ import pytest
 from imagefs.errors import DigestMismatchError
 from imagefs.sources import open_image
 from imagefs.tree.persisted import load_cached, tree_path
+from imagefs.tree.served import lookup_path
 from tests import builder
 from tests.builder import directory, file
 from tests.mounting import IMAGEFS, mounted, run_imagefs
@@ -90,13 +91,13 @@ def test_loaded_tree_serves_content(tmp_path: Path) -> None:
     layout = small_image(tmp_path, compression="zstd")
     loaded = load_cached(open_image(f"oci:{layout}:t"), cache_dir=tmp_path / "cache")
     try:
-        node = loaded.tree.resolve("etc/c")
+        node = lookup_path(loaded.tree, "etc/c")
         assert node is not None
-        assert loaded.content.read(node.node, 0, 100) == b"gamma\n"
-        assert loaded.tree.resolve("b") is None
-        root = loaded.tree.get(1)
-        assert root is not None and root.listing is not None
-        assert [os.fsdecode(name) for name, _ in root.listing] == ["etc"]
+        assert loaded.content.read(node, 0, 100) == b"gamma\n"
+        assert lookup_path(loaded.tree, "b") is None
+        listing = loaded.tree.listing(1)
+        assert listing is not None
+        assert [os.fsdecode(name) for name, _ in listing] == ["etc"]
     finally:
         loaded.close()
 

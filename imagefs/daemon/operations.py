@@ -1,4 +1,4 @@
-"""The FUSE file system: a thin pyfuse3 adapter over :class:`MergedTree`.
+"""The FUSE file system: a thin pyfuse3 adapter over a :class:`~imagefs.tree.served.Tree`.
 
 Every handler answers from the in-memory tree (point look-ups run on the
 event loop) or, for file data, from :class:`ContentReader` in a worker thread
@@ -28,7 +28,7 @@ from imagefs.errors import ImageFSError
 from imagefs.forensics.provenance import Provenance
 from imagefs.layers.entry import EntryType
 from imagefs.tree.content import ContentReader
-from imagefs.tree.merged import Inode, MergedTree, Stat, stat_of
+from imagefs.tree.served import Inode, Stat, Tree, stat_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ImageOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, tree: MergedTree, content: ContentReader, provenance: Provenance | None = None
+        self, tree: Tree, content: ContentReader, provenance: Provenance | None = None
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -141,7 +141,7 @@ class ImageOperations(pyfuse3.Operations):
 
     @_errors
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._inode(inode).node
+        node = self._inode(inode)
         if node.type is not EntryType.SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.target)
@@ -170,7 +170,7 @@ class ImageOperations(pyfuse3.Operations):
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
-        if self._inode(inode).listing is None:
+        if not self._inode(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return pyfuse3.FileHandleT(inode)
 
@@ -181,8 +181,9 @@ class ImageOperations(pyfuse3.Operations):
         # Offsets are positions in a fixed list (".", "..", then children in
         # name order), so they stay valid across calls and for telldir().
         directory = self._inode(fh)
-        listing = directory.listing
-        assert listing is not None
+        listing = self.tree.listing(fh)
+        if listing is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
         position = start_id
         while position < len(listing) + 2:
             if position == 0:
@@ -210,7 +211,7 @@ class ImageOperations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        node = self._inode(inode).node
+        node = self._inode(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.type is not EntryType.FILE:
@@ -219,7 +220,7 @@ class ImageOperations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        node = self._inode(fh).node
+        node = self._inode(fh)
         # Hot data straight from the page cache, on the loop; anything that
         # could block (disk, decompression) in a worker thread.
         cached = self.content.read_cached(node, off, size)
@@ -241,7 +242,7 @@ class ImageOperations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        node = self._inode(inode).node
+        node = self._inode(inode)
         if self.provenance is not None:
             value = self.provenance.getxattr(inode, node, os.fsdecode(name))
         else:
@@ -254,4 +255,4 @@ class ImageOperations(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
-        return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in self._inode(inode).node.xattrs]
+        return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in self._inode(inode).xattrs]

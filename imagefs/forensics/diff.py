@@ -28,7 +28,6 @@ from imagefs.forensics.views import SYNTHETIC_DIR_MODE, clone_tree
 from imagefs.image import Image
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.tree.content import ContentReader
-from imagefs.tree.merged import ROOT_INO, Inode, MergedTree
 from imagefs.tree.overlay import (
     ROOT_LAYER,
     Node,
@@ -37,6 +36,7 @@ from imagefs.tree.overlay import (
     merge_steps,
     new_directory,
 )
+from imagefs.tree.served import Inode, Tree, lookup_path, walk
 
 _CHUNK = 1 << 20
 OLD, NEW = "old", "new"
@@ -47,7 +47,7 @@ class Side:
     """One side of a comparison: the subtree ``top`` of ``tree`` (``""``: all of it)."""
 
     label: str
-    tree: MergedTree
+    tree: Tree
     content: ContentReader
     layer_keys: Sequence[str]  # per layer index: what names its uncompressed bytes
     top: str = ""
@@ -61,19 +61,11 @@ def layer_keys(image: Image) -> list[str]:
 
 def _entries(side: Side) -> dict[str, Inode]:
     """Path ("" for the top) -> inode of every entry below the side's top."""
-    top = side.tree.resolve(side.top) if side.top else side.tree.get(ROOT_INO)
-    assert top is not None
-    out: dict[str, Inode] = {}
-    stack = [("", top)]
-    while stack:
-        path, inode = stack.pop()
-        out[path] = inode
-        for name, ino in inode.listing or ():
-            child = side.tree.get(ino)
-            assert child is not None
-            decoded = os.fsdecode(name)
-            stack.append((f"{path}/{decoded}" if path else decoded, child))
-    return out
+    top = None
+    if side.top:
+        top = lookup_path(side.tree, side.top)
+        assert top is not None, side.top  # made by states_builder
+    return dict(walk(side.tree, top))
 
 
 class _Hasher:
@@ -83,10 +75,10 @@ class _Hasher:
         self._cache: dict[tuple[object, ...], str] = {}
 
     @staticmethod
-    def key(side: Side, node: Node) -> tuple[object, ...]:
+    def key(side: Side, node: Inode) -> tuple[object, ...]:
         return (side.layer_keys[node.layer], node.data_offset, node.size, node.sparse)
 
-    def sha256(self, side: Side, node: Node) -> str:
+    def sha256(self, side: Side, node: Inode) -> str:
         key = self.key(side, node)
         cached = self._cache.get(key)
         if cached is None:
@@ -106,12 +98,12 @@ class Difference:
     new: dict[str, Any] | None
 
 
-def _xattrs(node: Node) -> dict[str, str]:
+def _xattrs(node: Inode) -> dict[str, str]:
     # Values are bytes (security.capability is binary): hex, to be exact.
     return {name: value.hex() for name, value in sorted(node.xattrs.items())}
 
 
-def _info(side: Side, node: Node, hasher: _Hasher) -> dict[str, Any]:
+def _info(side: Side, node: Inode, hasher: _Hasher) -> dict[str, Any]:
     # What `imagefs which --json` says of a node, plus what a diff compares.
     info = node_json(node)
     if node.type is EntryType.FILE:
@@ -123,7 +115,7 @@ def _info(side: Side, node: Node, hasher: _Hasher) -> dict[str, Any]:
     return info
 
 
-def _changed_fields(old: Side, a: Node, new: Side, b: Node, hasher: _Hasher) -> list[str]:
+def _changed_fields(old: Side, a: Inode, new: Side, b: Inode, hasher: _Hasher) -> list[str]:
     fields = [
         name
         for name, x, y in (
@@ -162,18 +154,18 @@ def diff_sides(old: Side, new: Side) -> Iterator[Difference]:
         b = after.get(path)
         if b is None:
             assert a is not None
-            yield Difference(shown, "removed", (), _info(old, a.node, hasher), None)
+            yield Difference(shown, "removed", (), _info(old, a, hasher), None)
         elif a is None:
-            yield Difference(shown, "added", (), None, _info(new, b.node, hasher))
+            yield Difference(shown, "added", (), None, _info(new, b, hasher))
         else:
-            fields = _changed_fields(old, a.node, new, b.node, hasher)
+            fields = _changed_fields(old, a, new, b, hasher)
             if fields:
                 yield Difference(
                     shown,
                     "changed",
                     tuple(fields),
-                    _info(old, a.node, hasher),
-                    _info(new, b.node, hasher),
+                    _info(old, a, hasher),
+                    _info(new, b, hasher),
                 )
 
 

@@ -37,15 +37,17 @@ from imagefs.forensics.views import lookup_literal
 from imagefs.image import Image
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.tree.overlay import (
-    MAX_SYMLINK_HOPS,
     REMOVALS,
     ROOT_LAYER,
     Change,
     ChangeKind,
     Node,
+    child_node,
     clean_path,
     merge_layers,
 )
+from imagefs.tree.resolve import resolve
+from imagefs.tree.served import Attributes
 
 XATTR_PREFIX = "user.imagefs."
 LAYER_XATTR = "user.imagefs.layer"
@@ -78,7 +80,7 @@ class Provenance:
         self._warn = warn
         self._warned: set[int] = set()
 
-    def getxattr(self, ino: int, node: Node, name: str) -> bytes | None:
+    def getxattr(self, ino: int, node: Attributes, name: str) -> bytes | None:
         """The image's own xattr ``name`` of ``node`` if it has one, else provenance."""
         value = node.xattrs.get(name)
         if value is None:
@@ -93,7 +95,7 @@ class Provenance:
             )
         return value
 
-    def xattr(self, node: Node, name: str) -> bytes | None:
+    def xattr(self, node: Attributes, name: str) -> bytes | None:
         """The value of provenance xattr ``name`` for ``node``, or None."""
         if not name.startswith(XATTR_PREFIX) or not 0 <= node.layer < len(self.layers):
             return None
@@ -105,46 +107,6 @@ class Provenance:
         if name == CREATED_BY_XATTR and info.created_by is not None:
             return info.created_by.encode("utf-8", "backslashreplace")
         return None
-
-
-# -- resolving a path in a merged tree ----------------------------------------------------
-
-
-def resolve_path(root: Node, path: str) -> tuple[str, Node | None]:
-    """Resolve ``path`` like the kernel would in a mount: symlinks in its parents
-    are followed (inside the image, clamped at its root), the last one is not.
-
-    Returns the resolved root-relative path and its node (None if absent).
-    """
-    hops = 0
-    todo = list(reversed([p for p in path.split("/") if p not in ("", ".")]))
-    names: list[str] = []
-    stack: list[Node] = [root]
-    while todo:
-        name = todo.pop()
-        if name == "..":
-            if names:
-                names.pop()
-                stack.pop()
-            continue
-        children = stack[-1].children
-        child = children.get(name) if children is not None else None
-        if todo and child is not None and child.type is EntryType.SYMLINK:
-            hops += 1
-            if hops > MAX_SYMLINK_HOPS:
-                raise UsageError(f"{path}: too many levels of symbolic links in the image")
-            if child.target.startswith("/"):
-                names, stack = [], [root]
-            todo.extend(reversed([p for p in child.target.split("/") if p not in ("", ".")]))
-            continue
-        if child is None or (todo and not child.is_dir):
-            # Absent: the rest cannot be resolved further; keep it literal.
-            names.append(name)
-            names.extend(reversed(todo))
-            return "/".join(names), None
-        names.append(name)
-        stack.append(child)
-    return "/".join(names), stack[-1]
 
 
 # -- imagefs which ----------------------------------------------------------------------------
@@ -163,7 +125,7 @@ class Event:
 @dataclass(frozen=True, slots=True)
 class PathTrace:
     path: str  # as asked, cleaned
-    resolved: str  # with symlinked parents resolved in the final tree
+    resolved: str  # where the merge places an entry at ``path`` in the final tree
     node: Node | None  # in the final root file system
     events: tuple[Event, ...]
     layers: tuple[LayerInfo, ...]
@@ -196,7 +158,10 @@ def trace_path(image: Image, layer_entries: Sequence[Sequence[TarEntry]], path: 
         raise UsageError(f"{path}: not a path inside an image")
     changes: list[Change] = []
     final = merge_layers(layer_entries, lambda message: None, changes.append)
-    resolved, node = resolve_path(final, cleaned)
+    # Resolved as the merge places an entry at ``path`` (imagefs.tree.resolve):
+    # symlinked parents followed inside the image, the last component not.
+    found = resolve(final, cleaned, child_node)
+    resolved, node = found.path, found.node
     events: list[Event] = []
     pending_replace: Change | None = None
     for change in changes:
@@ -238,11 +203,11 @@ _KIND_NAMES = {
 }
 
 
-def kind_name(node: Node) -> str:
+def kind_name(node: Attributes) -> str:
     return _KIND_NAMES[node.type]
 
 
-def describe(node: Node) -> str:
+def describe(node: Attributes) -> str:
     """``file 0644 0:0 1234 bytes``, ``symlink -> target``, ``char 1,3``..."""
     base = f"{kind_name(node)} {node.mode:04o} {node.uid}:{node.gid}"
     if node.type is EntryType.FILE:
@@ -254,7 +219,7 @@ def describe(node: Node) -> str:
     return base
 
 
-def node_json(node: Node) -> dict[str, Any]:
+def node_json(node: Attributes) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": kind_name(node),
         "mode": f"{node.mode:04o}",

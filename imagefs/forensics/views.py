@@ -52,6 +52,7 @@ from imagefs.tree.overlay import (
     ChangeKind,
     Node,
     Warn,
+    child_node,
     clean_path,
     implied_directory,
     merge_steps,
@@ -59,6 +60,7 @@ from imagefs.tree.overlay import (
     node_from_entry,
     set_dir_attrs,
 )
+from imagefs.tree.resolve import LITERAL, resolve
 
 ROOTFS = "rootfs"
 LAYERS = "layers"
@@ -122,13 +124,8 @@ def clone_tree(root: Node, memo: dict[int, Node] | None = None) -> Node:
 
 
 def lookup_literal(root: Node, path: str) -> Node | None:
-    """The node at ``path`` below ``root``, following no symlinks."""
-    node: Node | None = root
-    for part in filter(None, path.split("/")):
-        if node is None or node.children is None:
-            return None
-        node = node.children.get(part)
-    return node
+    """The node at ``path`` below ``root``, following no symlinks (a literal walk)."""
+    return resolve(root, path, child_node, hop_limit=LITERAL).node
 
 
 # -- one layer's own entries -------------------------------------------------------
@@ -143,17 +140,20 @@ def _make_dirs(root: Node, path: str, entries: dict[int, Node]) -> Node | None:
     by a deeper path (umoci writes whiteouts below a symlink of the same
     layer, "srv/cache" and "srv/cache/.wh.item").
     """
-    directory = root
-    for part in filter(None, path.split("/")):
-        assert directory.children is not None
-        child = directory.children.get(part)
-        if child is None or not child.is_dir:
-            if child is not None and id(child) in entries:
-                return None
-            child = implied_directory(root.layer)
-            directory.children[part] = child
-        directory = child
-    return directory
+
+    def make_directory(
+        parent: Node, name: str, existing: Node | None, names: tuple[str, ...]
+    ) -> Node | None:
+        if existing is not None and id(existing) in entries:
+            return None
+        assert parent.children is not None
+        directory = parent.children[name] = implied_directory(root.layer)
+        return directory
+
+    found = resolve(
+        root, path, child_node, follow_last=True, make_directory=make_directory, hop_limit=LITERAL
+    )
+    return found.node
 
 
 def layer_tree(layer: int, entries: Iterable[TarEntry], lower: Node | None) -> Node:

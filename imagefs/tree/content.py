@@ -1,7 +1,8 @@
 """File contents served from the layers, including sparse files.
 
 Nothing is extracted: a regular file is a byte range of its layer's
-uncompressed stream (``Node.data_offset``), read through the layer's
+uncompressed stream (``data_offset``, of a served
+:class:`~imagefs.tree.served.Inode` or a merge's ``Node``), read through the layer's
 :class:`~imagefs.layers.reader.LayerData`. Blocking: every read may decompress, so
 callers on an event loop run it in a worker thread.
 """
@@ -12,11 +13,11 @@ from collections.abc import Callable, Sequence
 
 from imagefs.errors import LayerError
 from imagefs.layers.reader import LayerData
-from imagefs.tree.overlay import Node
+from imagefs.tree.served import Attributes
 
 
 class ContentReader:
-    """Reads file data for merged-tree nodes from the image's layers."""
+    """Reads file data for merged-tree files (inodes or nodes) from the image's layers."""
 
     def __init__(self, layers: Sequence[LayerData], layer_names: Sequence[str]) -> None:
         self._layers = layers
@@ -27,7 +28,7 @@ class ContentReader:
             getattr(layer, "pread_cached", None) for layer in layers
         ]
 
-    def read(self, node: Node, offset: int, size: int) -> bytes:
+    def read(self, node: Attributes, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` of a regular file (blocking)."""
         if offset >= node.size or size <= 0:
             return b""
@@ -36,7 +37,7 @@ class ContentReader:
             return self._pread(node, node.data_offset + offset, size)
         return self._read_sparse(node, offset, size)
 
-    def read_cached(self, node: Node, offset: int, size: int) -> memoryview | None:
+    def read_cached(self, node: Attributes, offset: int, size: int) -> memoryview | None:
         """Like :meth:`read`, but only if it cannot block; None means "use read".
 
         Only plain (uncompressed) layers can answer: their bytes are a range
@@ -50,7 +51,7 @@ class ContentReader:
             return None
         return pread_cached(node.data_offset + offset, min(size, node.size - offset))
 
-    def _pread(self, node: Node, layer_offset: int, size: int) -> bytes:
+    def _pread(self, node: Attributes, layer_offset: int, size: int) -> bytes:
         data = self._layers[node.layer].pread(layer_offset, size)
         if len(data) != size:
             raise LayerError(
@@ -59,7 +60,7 @@ class ContentReader:
             )
         return data
 
-    def _read_sparse(self, node: Node, offset: int, size: int) -> bytes:
+    def _read_sparse(self, node: Attributes, offset: int, size: int) -> bytes:
         # GNU sparse: the data segments (offset_in_file, length) are stored back
         # to back from data_offset; everything between them is a hole of zeros.
         assert node.sparse is not None

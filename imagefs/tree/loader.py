@@ -33,8 +33,9 @@ from imagefs.layers.reader import (
 )
 from imagefs.progress import Progress
 from imagefs.tree.content import ContentReader
-from imagefs.tree.merged import MergedTree, freeze
+from imagefs.tree.merged import freeze
 from imagefs.tree.overlay import Node, merge_layers
+from imagefs.tree.served import Tree
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class LoadedImage:
     """An image ready to serve. Owns the layer readers: call :meth:`close`."""
 
     image: Image
-    tree: MergedTree
+    tree: Tree
     content: ContentReader
     _resources: ExitStack = field(repr=False)
 
@@ -241,7 +242,7 @@ def load_image(
 
 
 def with_readers(
-    image: Image, tree: MergedTree, cache_dir: Path | None, resources: ExitStack
+    image: Image, tree: Tree, cache_dir: Path | None, resources: ExitStack
 ) -> LoadedImage:
     """Open a random-access reader per layer; ``resources`` will close them."""
     try:

@@ -1,71 +1,91 @@
-"""The merged tree as the file system serves it: inode numbers, names, links.
+"""The merged tree in memory, as the file system serves it: inode numbers, names, links.
 
 :func:`freeze` turns the root :class:`~imagefs.tree.overlay.Node` built by the
-overlay merge into a :class:`MergedTree` with stable inode numbers (depth
-first, children in byte order of their names, so the same image always gets
-the same numbers), per-directory name tables for ``lookup`` and sorted entry
-lists for ``readdir``, and link counts: ``st_nlink`` of a file is the number of
-names that survived the merge; of a directory, 2 plus its subdirectories.
+overlay merge into a :class:`MergedTree` (a :class:`~imagefs.tree.served.Tree`)
+with stable inode numbers (depth first, children in byte order of their
+names, so the same image always gets the same numbers) and link counts:
+``st_nlink`` of a file is the number of names that survived the merge; of a
+directory, 2 plus its subdirectories.
+
+The frozen tree keeps no ``Node``: one read-only :class:`~imagefs.tree.served.Inode`
+per inode, and per directory one sorted array of names with a parallel array
+of inode numbers, which serves both ``lookup`` (bisection) and ``readdir``
+(by position), so the merge's objects can be freed once it is frozen.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import overload
 
 from imagefs.layers.entry import EntryType
 from imagefs.tree.overlay import Node
+from imagefs.tree.served import ROOT_INO, Inode, Stat, stat_of
 
-ROOT_INO = 1  # FUSE_ROOT_ID
-
-
-@dataclass(slots=True, eq=False)
-class Inode:
-    """One inode of the served tree (hardlinked names share one)."""
-
-    ino: int
-    node: Node
-    nlink: int
-    parent: int  # directories: the parent directory's inode (root: itself)
-    names: dict[bytes, int] | None = None  # directories: name -> ino
-    listing: Sequence[tuple[bytes, int]] | None = None  # directories: sorted (name, ino)
+# Shared by every inode without xattrs (most): one empty read-only mapping.
+NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
 
-class Stat(NamedTuple):
-    """What ``stat`` reports for an inode (``stored``: bytes with data, for st_blocks)."""
+class _Directory:
+    """One directory's entries: names in byte order, and their inode numbers."""
 
-    ino: int
-    type: EntryType
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    stored: int
-    mtime_ns: int
+    __slots__ = ("inos", "names")
+
+    def __init__(self, names: list[bytes], inos: array[int]) -> None:
+        self.names = names
+        self.inos = inos
+
+    def find(self, name: bytes) -> int | None:
+        index = bisect_left(self.names, name)
+        if index < len(self.names) and self.names[index] == name:
+            return self.inos[index]
+        return None
 
 
-def stat_of(inode: Inode) -> Stat:
-    node = inode.node
-    stored = node.size if node.sparse is None else sum(length for _, length in node.sparse)
-    return Stat(
-        inode.ino, node.type, node.mode, inode.nlink, node.uid, node.gid, node.rdev,
-        node.size, stored, node.mtime_ns,
-    )  # fmt: skip
+class _Listing(Sequence[tuple[bytes, int]]):
+    """A directory's (name, ino) entries as a read-only sequence."""
+
+    __slots__ = ("_directory",)
+
+    def __init__(self, directory: _Directory) -> None:
+        self._directory = directory
+
+    def __len__(self) -> int:
+        return len(self._directory.names)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[bytes, int]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[bytes, int]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[bytes, int] | list[tuple[bytes, int]]:
+        directory = self._directory
+        if isinstance(index, slice):
+            return list(zip(directory.names[index], directory.inos[index]))  # noqa: B905
+        return directory.names[index], directory.inos[index]
+
+    def __iter__(self) -> Iterator[tuple[bytes, int]]:
+        # Same lengths by construction (freeze): zip's strict check is only cost here.
+        return zip(self._directory.names, self._directory.inos)  # noqa: B905
 
 
 class MergedTree:
-    """Read-only view of a merged image tree, addressed by inode number."""
+    """A merged image tree held in memory (:class:`~imagefs.tree.served.Tree`)."""
 
-    def __init__(self, inodes: list[Inode | None]) -> None:
+    def __init__(self, inodes: list[Inode | None], directories: list[_Directory | None]) -> None:
+        # Both indexed by inode number; index 0 is unused (inode 0 is no inode).
         self._inodes = inodes
+        self._directories = directories
         self.count = len(inodes) - 1
-        self.total_size = sum(
-            i.node.size for i in inodes if i is not None and i.node.type is EntryType.FILE
-        )
+        self.total_size = sum(i.size for i in inodes if i is not None and i.type is EntryType.FILE)
+
+    def close(self) -> None:
+        """Nothing to release: the tree is only Python objects."""
 
     def get(self, ino: int) -> Inode | None:
         if 0 < ino < len(self._inodes):
@@ -73,85 +93,76 @@ class MergedTree:
         return None
 
     def stat(self, ino: int) -> Stat | None:
-        """Attributes only (readdir's hot path; subclasses answer it cheaper)."""
         inode = self.get(ino)
         return None if inode is None else stat_of(inode)
 
     def lookup(self, parent: int, name: bytes) -> Inode | None:
-        directory = self.get(parent)
-        if directory is None or directory.names is None:
+        if not 0 < parent < len(self._inodes):
+            return None
+        directory = self._directories[parent]
+        if directory is None:
             return None
         if name == b".":
-            return directory
+            return self._inodes[parent]
         if name == b"..":
-            return self.get(directory.parent)
-        ino = directory.names.get(name)
+            inode = self._inodes[parent]
+            assert inode is not None
+            return self._inodes[inode.parent]
+        ino = directory.find(name)
         return None if ino is None else self._inodes[ino]
 
-    def resolve(self, path: str) -> Inode | None:
-        """The inode at a root-relative path, without following symlinks."""
-        current = self.get(ROOT_INO)
-        for part in path.split("/"):
-            if not part or current is None:
-                continue
-            current = self.lookup(current.ino, os.fsencode(part))
-        return current
+    def listing(self, ino: int) -> Sequence[tuple[bytes, int]] | None:
+        if not 0 < ino < len(self._directories):
+            return None
+        directory = self._directories[ino]
+        return None if directory is None else _Listing(directory)
 
-    def walk(self) -> list[tuple[str, Inode]]:
-        """Every (path, inode) pair, depth first; the root's path is ""."""
-        out: list[tuple[str, Inode]] = []
-        root = self.get(ROOT_INO)
-        assert root is not None
-        stack: list[tuple[str, Inode]] = [("", root)]
-        while stack:
-            path, inode = stack.pop()
-            out.append((path, inode))
-            for name, ino in reversed(list(inode.listing or ())):
-                child = self.get(ino)
-                assert child is not None
-                child_path = f"{path}/{os.fsdecode(name)}" if path else os.fsdecode(name)
-                stack.append((child_path, child))
-        return out
+
+def _inode(node: Node, ino: int, nlink: int, parent: int) -> Inode:
+    return Inode(
+        ino, node.type, node.mode, node.uid, node.gid, node.mtime_ns, node.layer, node.size,
+        node.target, node.rdev, MappingProxyType(node.xattrs) if node.xattrs else NO_XATTRS,
+        node.data_offset, node.sparse, nlink, parent,
+    )  # fmt: skip
 
 
 def freeze(root: Node) -> MergedTree:
     """Number the merged tree's inodes and count links (iterative: no depth limit)."""
-    inodes: list[Inode | None] = [None]
-    by_node: dict[int, Inode] = {}
-
-    def number(node: Node, parent: int) -> tuple[Inode, bool]:
-        existing = by_node.get(id(node))
-        if existing is not None:
-            existing.nlink += 1
-            return existing, False
-        inode = Inode(ino=len(inodes), node=node, nlink=1, parent=parent)
-        if node.is_dir:
-            inode.nlink = 2
-            inode.names = {}
-            inode.listing = []
-        inodes.append(inode)
-        by_node[id(node)] = inode
-        return inode, True
-
-    root_inode, _ = number(root, ROOT_INO)
-    stack = [root_inode]
+    # Per inode (index ino - 1) while numbering: its node, parent and link count.
+    nodes: list[Node] = [root]
+    parents = [ROOT_INO]
+    nlinks = [2]
+    ino_of = {id(root): ROOT_INO}  # nodes stay alive in the tree meanwhile
+    directories: list[_Directory | None] = [None, None]
+    stack = [(root, ROOT_INO)]
     while stack:
-        directory = stack.pop()
-        assert directory.node.children is not None and directory.names is not None
-        listing: list[tuple[bytes, int]] = []
-        directory.listing = listing
-        children = sorted(
-            (os.fsencode(name), child) for name, child in directory.node.children.items()
-        )
+        directory, directory_ino = stack.pop()
+        assert directory.children is not None
+        children = sorted((os.fsencode(name), child) for name, child in directory.children.items())
+        inos = array("I")
         new_dirs = []
-        for name, child in children:
-            inode, is_new = number(child, directory.ino)
-            directory.names[name] = inode.ino
-            listing.append((name, inode.ino))
+        for _, child in children:
+            ino = ino_of.get(id(child))
+            if ino is None:
+                ino = len(nodes) + 1
+                ino_of[id(child)] = ino
+                nodes.append(child)
+                parents.append(directory_ino)
+                nlinks.append(2 if child.is_dir else 1)
+                directories.append(None)
+                if child.is_dir:
+                    new_dirs.append((child, ino))
+            else:
+                nlinks[ino - 1] += 1  # another name for a hardlinked file
+            inos.append(ino)
             if child.is_dir:
-                directory.nlink += 1
-                if is_new:
-                    new_dirs.append(inode)
+                nlinks[directory_ino - 1] += 1
+        directories[directory_ino] = _Directory([name for name, _ in children], inos)
         # Depth first in name order: push in reverse so the first name pops first.
         stack.extend(reversed(new_dirs))
-    return MergedTree(inodes)
+    inodes: list[Inode | None] = [None]
+    inodes.extend(
+        _inode(node, ino, nlink, parent)
+        for ino, (node, nlink, parent) in enumerate(zip(nodes, nlinks, parents, strict=True), 1)
+    )
+    return MergedTree(inodes, directories)

@@ -24,7 +24,10 @@ Parent directories are resolved the way container runtimes extract layers
 (containerd, umoci: a secure join inside the root): when a lower layer made
 ``lib`` a symlink to ``usr/lib``, an upper entry ``lib/x`` lands in
 ``usr/lib/x``. Symlinks are followed only inside the tree being built, never on
-the host, and never past the root.
+the host, and never past the root; a symlink that leads to no directory
+(dangling, a loop, too many hops) is a non-directory in the way and is replaced
+by an implied directory. The rules are :mod:`imagefs.tree.resolve`'s, shared
+with every other path look-up.
 
 Paths are cleaned first; an entry whose path would leave the root (``..``
 above the top), contains NUL, or has a component longer than NAME_MAX is
@@ -48,6 +51,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.tree.resolve import Resolved, resolve
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -56,8 +60,6 @@ OPAQUE_MARKER = ".wh..wh..opq"
 AUFS_META_PREFIX = ".wh..wh."
 
 NAME_MAX = 255
-# Linux's own bound on symlink hops while resolving one path (MAXSYMLINKS).
-MAX_SYMLINK_HOPS = 40
 
 IMPLIED_DIR_MODE = 0o755
 ROOT_LAYER = -1  # "layer" of the root and of implied directories without a layer
@@ -90,6 +92,12 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return self.type is EntryType.DIRECTORY
+
+
+def child_node(directory: Node, name: str) -> Node | None:
+    """The child ``name`` of ``directory`` (None: absent, or not a directory)."""
+    children = directory.children
+    return None if children is None else children.get(name)
 
 
 class ChangeKind(enum.Enum):
@@ -229,8 +237,8 @@ class _Merger:
         # the root, and a 10,000-level deep tree costs 50 million steps.
         # Both are dropped whenever a node is replaced (that can change what
         # a path resolves to); adding where nothing was cannot.
-        self._last_parent: tuple[str, tuple[Node, list[str]]] | None = None
-        self._last_dir: tuple[str, tuple[Node, list[str]]] | None = None
+        self._last_parent: tuple[str, tuple[Node, tuple[str, ...]]] | None = None
+        self._last_dir: tuple[str, tuple[Node, tuple[str, ...]]] | None = None
 
     def _report(self, layer: int, names: Sequence[str], kind: ChangeKind, node: Node) -> None:
         # Callers test self.on_change first, so a merge nobody observes
@@ -238,106 +246,39 @@ class _Merger:
         assert self.on_change is not None
         self.on_change(Change(layer, "/".join(names), kind, node))
 
-    # -- resolution inside the tree -------------------------------------
+    # -- resolution inside the tree (imagefs.tree.resolve) --------------------
 
-    def _resolve_dir(self, parts: Sequence[str], create_layer: int | None) -> Node | None:
-        found = self._resolve(parts, create_layer)
-        return None if found is None else found[0]
+    def _resolve(self, path: str, create_layer: int | None) -> Resolved[Node]:
+        """Find (or, with ``create_layer``, create) the directory at ``path``.
 
-    def _resolve(
-        self, parts: Sequence[str], create_layer: int | None
-    ) -> tuple[Node, list[str]] | None:
-        """Find (or, with ``create_layer``, create) the directory at ``parts``.
-
-        Returns it with the names of the path it was found at. Symlinks met
-        on the way are followed inside the tree (see module docstring). When
-        creating, a missing or non-directory component is replaced by an
-        implied directory, as extracting ``a/b`` over a file ``a`` must do to
-        honour the layer.
+        Symlinks on the way are followed inside the tree, the last one too
+        (see :mod:`imagefs.tree.resolve`). When creating, a missing or
+        non-directory component is replaced by an implied directory, as
+        extracting ``a/b`` over a file ``a`` must do to honour the layer.
         """
-        hops = 0
-        todo = list(reversed(parts))
-        stack: list[Node] = [self.root]
-        names: list[str] = []  # stack[1:]'s names: the resolved path
-        while todo:
-            name = todo.pop()
-            if name == "..":
-                # Only produced by symlink targets; clamped at the root like
-                # a secure join.
-                if len(stack) > 1:
-                    stack.pop()
-                    names.pop()
-                continue
-            if name in ("", "."):
-                continue
-            current = stack[-1]
-            assert current.children is not None
-            child = current.children.get(name)
-            if child is not None and child.type is EntryType.SYMLINK and hops < MAX_SYMLINK_HOPS:
-                target = self._follow(stack, child.target)
-                if target is not None:
-                    hops += 1
-                    if child.target.startswith("/"):
-                        stack = [self.root]
-                        names = []
-                    todo.extend(reversed(child.target.split("/")))
-                    continue
-            if child is None or not child.is_dir:
-                if create_layer is None:
-                    return None
-                if child is not None:
-                    # A cached path may run through this (followed) symlink.
-                    self._forget_parents()
-                if self.on_change is not None and child is not None:
-                    self._report(create_layer, [*names, name], ChangeKind.REPLACE, child)
-                child = implied_directory(create_layer)
-                current.children[name] = child
-                if self.on_change is not None:
-                    self._report(create_layer, [*names, name], ChangeKind.IMPLY, child)
-            stack.append(child)
-            names.append(name)
-        return stack[-1], names
+        if create_layer is None:
+            return resolve(self.root, path, child_node, follow_last=True)
 
-    def _follow(self, stack: list[Node], target: str) -> Node | None:
-        """Return the directory a symlink in ``stack[-1]`` points at, if any."""
-        base = [self.root] if target.startswith("/") else list(stack)
-        hops = 0
-        todo = list(reversed(target.split("/")))
-        while todo:
-            name = todo.pop()
-            if name in ("", "."):
-                continue
-            if name == "..":
-                if len(base) > 1:
-                    base.pop()
-                continue
-            children = base[-1].children
-            assert children is not None
-            child = children.get(name)
-            if child is None:
-                return None
-            if child.type is EntryType.SYMLINK:
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    return None
-                if child.target.startswith("/"):
-                    base = [self.root]
-                todo.extend(reversed(child.target.split("/")))
-                continue
-            if not child.is_dir:
-                return None
-            base.append(child)
-        return base[-1]
+        def make_directory(
+            parent: Node, name: str, existing: Node | None, names: tuple[str, ...]
+        ) -> Node:
+            assert parent.children is not None
+            if existing is not None:
+                # A cached path may run through this (followed) symlink.
+                self._forget_parents()
+                if self.on_change is not None:
+                    self._report(create_layer, [*names, name], ChangeKind.REPLACE, existing)
+            directory = implied_directory(create_layer)
+            parent.children[name] = directory
+            if self.on_change is not None:
+                self._report(create_layer, [*names, name], ChangeKind.IMPLY, directory)
+            return directory
+
+        return resolve(self.root, path, child_node, follow_last=True, make_directory=make_directory)
 
     def _lookup(self, path: str) -> Node | None:
         """The node at a cleaned path, following symlinks in its parents only."""
-        if path == "":
-            return self.root
-        parent_path, _, name = path.rpartition("/")
-        parent = self._resolve_dir(parent_path.split("/") if parent_path else [], None)
-        if parent is None or parent.children is None:
-            return None
-        return parent.children.get(name)
+        return resolve(self.root, path, child_node).node
 
     # -- applying one layer ------------------------------------------------
 
@@ -374,23 +315,23 @@ class _Merger:
 
         # Removals first, and only of what lower layers made (image-spec).
         for parent in opaque_dirs:
-            found = self._resolve(parent.split("/") if parent else [], None)
-            if found is not None and found[0].children is not None:
-                directory, names = found
-                assert directory.children is not None
+            found = self._resolve(parent, None)
+            directory = found.node
+            if directory is not None and directory.children is not None:
                 if self.on_change is not None:
                     for name, child in sorted(directory.children.items()):
-                        self._report(layer, [*names, name], ChangeKind.OPAQUE, child)
+                        self._report(layer, [*found.names, name], ChangeKind.OPAQUE, child)
                 directory.children.clear()
         for parent, victim in whiteouts:
-            found = self._resolve(parent.split("/") if parent else [], None)
-            if found is not None and found[0].children is not None:
-                removed = found[0].children.pop(victim, None)
+            found = self._resolve(parent, None)
+            directory = found.node
+            if directory is not None and directory.children is not None:
+                removed = directory.children.pop(victim, None)
                 if removed is not None and self.on_change is not None:
-                    self._report(layer, [*found[1], victim], ChangeKind.WHITEOUT, removed)
+                    self._report(layer, [*found.names, victim], ChangeKind.WHITEOUT, removed)
         # An opaque directory exists in this layer even if nothing else says so.
         for parent in opaque_dirs:
-            self._resolve_dir(parent.split("/") if parent else [], layer)
+            self._resolve(parent, layer)
 
         self._forget_parents()
         for path, entry in additions:
@@ -400,15 +341,16 @@ class _Merger:
     def _forget_parents(self) -> None:
         self._last_parent = self._last_dir = None
 
-    def _parent_for_add(self, parent_path: str, layer: int) -> tuple[Node, list[str]]:
+    def _parent_for_add(self, parent_path: str, layer: int) -> tuple[Node, tuple[str, ...]]:
         """``_resolve(parent_path, layer)``, from the caches when they hold it."""
         for cached in (self._last_dir, self._last_parent):
             if cached is not None and cached[0] == parent_path:
                 return cached[1]
-        found = self._resolve(parent_path.split("/") if parent_path else [], layer)
-        assert found is not None
-        self._last_parent = (parent_path, found)
-        return found
+        found = self._resolve(parent_path, layer)
+        assert found.node is not None  # created where missing
+        parent = (found.node, found.names)
+        self._last_parent = (parent_path, parent)
+        return parent
 
     def _add(self, layer: int, path: str, entry: TarEntry) -> None:
         if path == "":
@@ -426,7 +368,7 @@ class _Merger:
         existing = parent.children.get(name)
         if entry.type is EntryType.DIRECTORY and existing is not None and existing.is_dir:
             set_dir_attrs(existing, entry, layer)
-            self._last_dir = (path, (existing, [*names, name]))
+            self._last_dir = (path, (existing, (*names, name)))
             if self.on_change is not None:
                 self._report(layer, [*names, name], ChangeKind.UPDATE, existing)
             return
@@ -451,7 +393,7 @@ class _Merger:
             self._forget_parents()
         parent.children[name] = new
         if new.is_dir:
-            self._last_dir = (path, (new, [*names, name]))
+            self._last_dir = (path, (new, (*names, name)))
 
 
 def merge_layers(

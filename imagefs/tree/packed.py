@@ -27,14 +27,16 @@ import mmap
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, overload
 
 from imagefs.cachedir import TREE, AtomicFile
 from imagefs.layers.entry import EntryType
-from imagefs.tree.merged import ROOT_INO, Inode, MergedTree, Stat
+from imagefs.tree.merged import NO_XATTRS
 from imagefs.tree.overlay import Node
+from imagefs.tree.served import ROOT_INO, Attributes, Inode, Stat, Tree
 
 MAGIC = b"IMGFSTRE"
 
@@ -66,7 +68,7 @@ class _Pool:
         return offset
 
 
-def _encode_extra(node: Node) -> bytes:
+def _encode_extra(node: Attributes) -> bytes:
     """Symlink target, xattrs and sparse map; b"" when the node has none."""
     target = os.fsencode(node.target)
     if not target and not node.xattrs and node.sparse is None:
@@ -87,7 +89,7 @@ def _encode_extra(node: Node) -> bytes:
 
 def _decode_extra(
     blob: bytes,
-) -> tuple[str, dict[str, bytes], tuple[tuple[int, int], ...] | None]:
+) -> tuple[str, Mapping[str, bytes], tuple[tuple[int, int], ...] | None]:
     (length,) = _U32.unpack_from(blob, 0)
     position = 4 + length
     target = os.fsdecode(blob[4:position])
@@ -106,11 +108,11 @@ def _decode_extra(
     sparse = None
     if sparse_count != _NO_SPARSE:
         sparse = tuple(_U64PAIR.unpack_from(blob, position + 16 * i) for i in range(sparse_count))
-    return target, xattrs, sparse
+    return target, MappingProxyType(xattrs) if xattrs else NO_XATTRS, sparse
 
 
-def write_packed_tree(tree: MergedTree, path: Path, sources: dict[str, Any]) -> None:
-    """Persist a frozen ``tree`` atomically (temporary file, then rename)."""
+def write_packed_tree(tree: Tree, path: Path, sources: dict[str, Any]) -> None:
+    """Persist a finished ``tree`` atomically (temporary file, then rename)."""
     pool = _Pool()
     inodes = bytearray()
     dirents = bytearray()
@@ -118,15 +120,15 @@ def write_packed_tree(tree: MergedTree, path: Path, sources: dict[str, Any]) -> 
     for ino in range(1, tree.count + 1):
         inode = tree.get(ino)
         assert inode is not None
-        node = inode.node
+        listing = tree.listing(ino)
         first, count = dirent_count, 0
-        if inode.listing is not None:
-            for name, child in inode.listing:
+        if listing is not None:
+            for name, child in listing:
                 dirents += _DIRENT.pack(pool.add(name), len(name), child)
-            count = len(inode.listing)
+            count = len(listing)
             dirent_count += count
         inodes += _pack_inode(
-            node, pool, nlink=inode.nlink, parent=inode.parent, first=first, count=count
+            inode, pool, nlink=inode.nlink, parent=inode.parent, first=first, count=count
         )
     _write_file(
         path, sources, inodes=inodes, dirents=dirents, pool=pool,
@@ -193,7 +195,7 @@ def write_packed_root(root: Node, path: Path, sources: dict[str, Any]) -> None:
 
 
 def _pack_inode(
-    node: Node, pool: _Pool, *, nlink: int, parent: int, first: int = 0, count: int = 0
+    node: Attributes, pool: _Pool, *, nlink: int, parent: int, first: int = 0, count: int = 0
 ) -> bytes:
     extra = _encode_extra(node)
     extra_offset = pool.add(extra) if extra else 0
@@ -234,13 +236,15 @@ def _write_file(
             out.file.write(part)
 
 
-class PackedTree(MergedTree):
-    """A :class:`MergedTree` read from a packed file; records decoded on demand."""
+class PackedTree:
+    """A merged tree read from a packed file (:class:`~imagefs.tree.served.Tree`).
+
+    Nothing is held per inode: records are decoded from the mapping on demand.
+    """
 
     def __init__(
         self, mapping: mmap.mmap, header: tuple[Any, ...], sources: dict[str, Any]
     ) -> None:
-        # Deliberately not calling MergedTree.__init__: nothing is held per inode.
         self._map = mapping
         (_, _, self.count, self._dirent_count, self.total_size, _, _,
          self._inodes_offset, self._dirents_offset, self._pool_offset, _) = header  # fmt: skip
@@ -266,18 +270,12 @@ class PackedTree(MergedTree):
         if not 0 < ino <= self.count:
             return None
         (kind, mode, uid, gid, nlink, parent, layer, size, mtime_ns, rdev, data_offset,
-         first, count, extra_offset, extra_len) = self._record(ino)  # fmt: skip
-        node = Node(EntryType(kind), mode, uid, gid, mtime_ns, layer, size=size, rdev=rdev,
-                    data_offset=data_offset)  # fmt: skip
+         _, _, extra_offset, extra_len) = self._record(ino)  # fmt: skip
+        target, xattrs, sparse = "", NO_XATTRS, None
         if extra_len:
-            node.target, node.xattrs, node.sparse = _decode_extra(
-                self._pool(extra_offset, extra_len)
-            )
-        listing = None
-        if node.type is EntryType.DIRECTORY:
-            node.children = {}
-            listing = _LazyListing(self, first, count)
-        return Inode(ino=ino, node=node, nlink=nlink, parent=parent, listing=listing)
+            target, xattrs, sparse = _decode_extra(self._pool(extra_offset, extra_len))
+        return Inode(ino, EntryType(kind), mode, uid, gid, mtime_ns, layer, size, target,
+                     rdev, xattrs, data_offset, sparse, nlink, parent)  # fmt: skip
 
     def stat(self, ino: int) -> Stat | None:
         if not 0 < ino <= self.count:
@@ -312,6 +310,14 @@ class PackedTree(MergedTree):
             else:
                 high = middle
         return None
+
+    def listing(self, ino: int) -> Sequence[tuple[bytes, int]] | None:
+        if not 0 < ino <= self.count:
+            return None
+        record = self._record(ino)
+        if record[0] != EntryType.DIRECTORY:
+            return None
+        return _LazyListing(self, record[11], record[12])
 
 
 class _LazyListing(Sequence[tuple[bytes, int]]):
