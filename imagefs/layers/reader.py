@@ -124,6 +124,7 @@ from imagefs.layers.plumbing import (
     digest_check,
     pread_exact,
 )
+from imagefs.layers.rebuilt import RebuiltTar, rebuilt_of
 from imagefs.layers.zstd import SeekableBuilder, ZstdLayerData, ZstdStream, set_frame_cache_bytes
 
 __all__ = [
@@ -238,7 +239,7 @@ def detect_compression(layer: Layer) -> Compression:
             f"layer {layer.descriptor.digest}: media type {media_type!r} is not a layer "
             "type imagefs can read"
         )
-    if layer.blob.length <= 0:
+    if layer.blob.length <= 0 or layer.blob.assembly is not None:  # rebuilt (tar-split): a tar
         return Compression.NONE
     layer.blob.wait_for(4)  # a blob still downloading: its first bytes
     fd = _open_blob(layer)
@@ -448,6 +449,11 @@ def open_layer_stream(
     this blob already under way (see :func:`check_digests_ahead`).
     """
     compression = detect_compression(layer)
+    rebuilt = rebuilt_of(layer)  # tar-split hook: a store's layer, see layers.rebuilt
+    if rebuilt is not None:
+        with _rebuilt_pass(layer, rebuilt) as stream:
+            yield stream
+        return
     gzip_index_path = seek_path = None
     if cache_dir is not None and not _usable_cache_dir(cache_dir):
         cache_dir = None
@@ -468,6 +474,31 @@ def open_layer_stream(
         yield stream
 
 
+@contextmanager
+def _rebuilt_pass(layer: Layer, rebuilt: RebuiltTar) -> Iterator[LayerStream]:
+    """tar-split hook: the pass over a rebuilt tar is its own digest check (layers.rebuilt)."""
+    if layer.descriptor.size > 0 and layer.descriptor.size != rebuilt.size:
+        raise DigestMismatchError(
+            f"layer {layer.descriptor.digest}: rebuilt tar is {rebuilt.size} bytes, "
+            f"descriptor says {layer.descriptor.size}"
+        )
+    stream = rebuilt.open_pass(layer)
+    try:
+        yield stream
+    except LayerError as exc:
+        try:  # as _layer_pass: a corrupt tar is most often a modified layer
+            stream.verify()
+        except DigestMismatchError as mismatch:
+            raise mismatch from exc
+        except (BlobError, LayerError):
+            pass
+        raise
+    except BaseException:
+        stream.cancel()
+        raise
+    stream.verify()
+
+
 def check_digests_ahead(layers: Sequence[Layer]) -> list[DigestCheck | None]:
     """Start hashing the plain-tar layers now, a core's worth at a time.
 
@@ -485,7 +516,8 @@ def check_digests_ahead(layers: Sequence[Layer]) -> list[DigestCheck | None]:
     hashers: list[DigestCheck | None] = []
     for layer in layers:
         hasher = None
-        if layer.blob.feed is None and detect_compression(layer) is Compression.NONE:
+        local = layer.blob.feed is None and layer.blob.assembly is None  # tar-split hook
+        if local and detect_compression(layer) is Compression.NONE:
             hasher = digest_check(layer, gate)
         hashers.append(hasher)
     return hashers
@@ -547,6 +579,9 @@ def open_layer_data(layer: Layer, cache_dir: str | None = None) -> LayerData:
     (no threads), so it may be opened before the daemon forks.
     """
     compression = detect_compression(layer)
+    rebuilt = rebuilt_of(layer)  # tar-split hook: a store's layer, see layers.rebuilt
+    if rebuilt is not None:
+        return rebuilt.open_data(layer)
     if compression is Compression.NONE:
         return _PlainLayerData(layer)
     if cache_dir is not None and not _usable_cache_dir(cache_dir):
