@@ -2,7 +2,8 @@
 
 Public surface::
 
-    open_image(source, *, image=None, platform=None) -> Image
+    open_image(source, *, image=None, platform=None, store_root=None,
+               allow_modified=False) -> Image
     parse_platform("linux/arm64/v8") -> Platform
     host_platform() -> Platform
     is_local_source(source) -> bool
@@ -11,7 +12,8 @@ Modules: ``spec`` (SOURCE parsing), ``tarmembers`` (outer tar index),
 ``store`` (directory / tar member access), ``manifest`` (JSON validation,
 digests, platform selection), ``ocilayout`` (OCI layouts and oci-archives),
 ``dockerarchive`` (``docker save`` shapes), ``names`` (Docker name
-normalisation), ``platform``.
+normalisation), ``platform``; host stores: ``containers_storage``,
+``docker_store`` (and ``hoststore``, what they share).
 """
 
 from __future__ import annotations
@@ -21,17 +23,26 @@ import stat
 
 from imagefs.errors import SourceError, SourceNotFoundError, UsageError
 from imagefs.image import Image, Platform
+from imagefs.sources.containers_storage import open_containers_storage
+from imagefs.sources.docker_store import open_docker_store
 from imagefs.sources.dockerarchive import MANIFEST_JSON, open_docker_archive
 from imagefs.sources.ocilayout import INDEX_FILE, LAYOUT_FILE, open_layout
 from imagefs.sources.platform import host_platform, parse_platform
-from imagefs.sources.spec import is_local_source, parse_source
+from imagefs.sources.spec import STORE_TRANSPORTS, is_local_source, parse_source
 from imagefs.sources.store import DirStore, TarStore
 from imagefs.sources.tarmembers import TarMembers
 
 __all__ = ["host_platform", "is_local_source", "open_image", "parse_platform"]
 
 
-def open_image(source: str, *, image: str | None = None, platform: Platform | None = None) -> Image:
+def open_image(
+    source: str,
+    *,
+    image: str | None = None,
+    platform: Platform | None = None,
+    store_root: str | None = None,
+    allow_modified: bool = False,
+) -> Image:
     """Resolve SOURCE (see :mod:`imagefs.sources.spec`) to an Image.
 
     ``image`` selects an image by name or tag, like a trailing ``:REF`` in
@@ -39,6 +50,10 @@ def open_image(source: str, *, image: str | None = None, platform: Platform | No
     the user asked for one: None means the host's platform for indexes, and
     a docker save archive then yields the image its manifest.json describes.
     Blocks: reads the archive's headers and the manifests, never layer data.
+
+    Host stores (``containers-storage:``, ``docker-store:``) are read at
+    ``store_root`` (default: the engine's own); ``allow_modified`` serves
+    their layers even where the host changed them (see layers.rebuilt).
     """
     spec = parse_source(source)
     ref = spec.ref
@@ -46,6 +61,18 @@ def open_image(source: str, *, image: str | None = None, platform: Platform | No
         if ref is not None and ref != image:
             raise UsageError(f"{source}: names image {ref!r} but --image says {image!r}")
         ref = image
+    if spec.transport in STORE_TRANSPORTS:
+        if spec.path and store_root is not None and spec.path != store_root:
+            raise UsageError(
+                f"{source}: names store {spec.path} but --store-root says {store_root}"
+            )
+        opener = (
+            open_containers_storage if spec.transport == "containers-storage" else open_docker_store
+        )
+        root = store_root or spec.path or None
+        return opener(ref, source=source, store_root=root, allow_modified=allow_modified)
+    if store_root is not None or allow_modified:
+        raise UsageError(f"{source}: --store-root and --allow-modified are for host stores only")
     wanted = platform if platform is not None else host_platform()
     path = os.path.abspath(spec.path)
     try:

@@ -6,6 +6,12 @@ Accepted forms (the prefixes are skopeo's transport names)::
     oci-archive:PATH[:TAG]      OCI image layout in a tar
     docker-archive:PATH[:REF]   docker save tar; REF is NAME:TAG or @N (N-th image)
     PATH[:REF]                  any of the above, detected from the contents
+    containers-storage:[[ROOT]]REF  podman/buildah/CRI-O store (skopeo's ``[driver@root+run]``
+                                spelling works: only the graph root is used)
+    docker-store:REF            Docker's data root (overlay2)
+
+The host stores take their root from ``--store-root`` (or the bracketed
+prefix); SourceSpec.path is that root ("" for the default).
 
 A path may itself contain ``:``. skopeo splits at the first ``:``; here the
 longest prefix that exists on disk is the path, so ``a:b.tar:x:1`` works when
@@ -20,6 +26,8 @@ from dataclasses import dataclass
 from imagefs.errors import UsageError
 
 TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+# Host stores: no path in SOURCE, a reference read by the engine's rules.
+STORE_TRANSPORTS = ("containers-storage", "docker-store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +38,7 @@ class SourceSpec:
 
 
 def split_transport(source: str) -> tuple[str | None, str]:
-    for transport in TRANSPORTS:
+    for transport in TRANSPORTS + STORE_TRANSPORTS:
         if source.startswith(transport + ":"):
             return transport, source[len(transport) + 1 :]
     return None, source
@@ -41,6 +49,8 @@ def parse_source(source: str) -> SourceSpec:
     if not source:
         raise UsageError("empty image source")
     transport, rest = split_transport(source)
+    if transport in STORE_TRANSPORTS:
+        return _store_spec(source, transport, rest)
     if not rest:
         raise UsageError(f"{source}: missing path after '{transport}:'")
     if os.path.lexists(rest):
@@ -53,6 +63,20 @@ def parse_source(source: str) -> SourceSpec:
             return SourceSpec(transport, prefix, rest[pos + 1 :] or None)
         pos = rest.rfind(":", 0, pos)
     return SourceSpec(transport, rest, None)
+
+
+def _store_spec(source: str, transport: str, rest: str) -> SourceSpec:
+    root = ""
+    if rest.startswith("["):
+        # containers-image's storage specifier: [driver@graphroot+runroot:options]
+        spec, sep, rest = rest[1:].partition("]")
+        if not sep:
+            raise UsageError(f"{source}: unterminated '[' store specifier")
+        root = spec.partition("@")[2] if "@" in spec else spec
+        root = root.partition("+")[0].partition(":")[0]
+    if not rest:
+        raise UsageError(f"{source}: missing image after '{transport}:'")
+    return SourceSpec(transport, root, rest)
 
 
 def is_local_source(source: str) -> bool:
