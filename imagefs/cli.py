@@ -92,7 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "source",
         metavar="SOURCE",
-        help="[docker-archive:|oci:|oci-archive:]PATH, or a registry image [docker://]NAME[:TAG]",
+        help="[docker-archive:|oci:|oci-archive:]PATH, a registry image [docker://]NAME[:TAG], "
+        "or an image of a host store: containers-storage:REF, docker-store:REF",
     )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     mount.add_argument("--image", metavar="NAME:TAG", help="image to use from a multi-image tar")
@@ -150,6 +151,13 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="the file system as it stood after layer N (0 = base; -1 = last)",
+    )
+    forensics.add_store_arguments(mount)
+    mount.add_argument(
+        "--allow-modified",
+        action="store_true",
+        help="mount a host store's image even where its layer directories were changed "
+        "(each changed file is marked with the hidden xattr user.imagefs.modified)",
     )
     registry_cli.add_registry_arguments(mount)
 
@@ -209,6 +217,8 @@ def _run_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         upto=args.upto,
         decoded_cache_bytes=args.decoded_cache << 20,
         readahead_kb=args.readahead,
+        store_root=args.store_root,
+        allow_modified=args.allow_modified,
     )
     mount(request)
 

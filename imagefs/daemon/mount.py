@@ -96,6 +96,12 @@ class MountRequest:
     decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_MB << 20
     # The mount's readahead window in KiB (--readahead); 0 keeps the kernel's.
     readahead_kb: int = DEFAULT_READAHEAD_KB
+    # Host stores (containers-storage:, docker-store:): where the store is
+    # (--store-root), and whether layers changed on the host are served anyway
+    # (--allow-modified; TODO(lead): user.imagefs.modified xattr, see
+    # imagefs.forensics.verify.modified_paths).
+    store_root: str | None = None
+    allow_modified: bool = False
 
     def fuse_options(self) -> set[str]:
         # fsname shows as the first column of /proc/mounts: keep the source
@@ -250,6 +256,8 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 upto=request.upto,
                 warn=log.warning,
                 progress=progress,
+                store_root=request.store_root,
+                allow_modified=request.allow_modified,
             )
             image = loaded.image
         elif is_registry_source(request.source):
@@ -266,7 +274,13 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 progress=progress,
             )
         else:
-            image = open_image(request.source, image=request.image, platform=request.platform)
+            image = open_image(
+                request.source,
+                image=request.image,
+                platform=request.platform,
+                store_root=request.store_root,
+                allow_modified=request.allow_modified,
+            )
             if cache_dir is not None:
                 # The merged tree persists in the cache: built once, then mapped.
                 loaded = load_cached(

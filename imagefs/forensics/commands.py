@@ -17,7 +17,7 @@ from contextlib import closing
 from pathlib import Path
 
 from imagefs.cachedir import default_cache_dir, ensure_cache_dir
-from imagefs.errors import SourceNotFoundError, UsageError
+from imagefs.errors import LayerModifiedError, SourceNotFoundError, UsageError
 from imagefs.forensics.diff import (
     NEW,
     OLD,
@@ -30,6 +30,9 @@ from imagefs.forensics.diff import (
 )
 from imagefs.forensics.inspect import inspect_image, report_json, report_text
 from imagefs.forensics.provenance import trace_json, trace_path, trace_text
+from imagefs.forensics.verify import report_json as verify_json
+from imagefs.forensics.verify import report_text as verify_text
+from imagefs.forensics.verify import verify_image
 from imagefs.forensics.views import build_layer_views, upto_image
 from imagefs.image import Image, Platform
 from imagefs.progress import Progress
@@ -39,7 +42,7 @@ from imagefs.sources import open_image, parse_platform
 from imagefs.tree.loader import LoadedImage, load_image, scan_layer
 from imagefs.tree.persisted import load_cached
 
-COMMANDS = ("inspect", "which", "diff")
+COMMANDS = ("inspect", "which", "diff", "verify")
 
 
 def _warn(message: str) -> None:
@@ -53,6 +56,8 @@ def open_any_image(
     platform: Platform | None = None,
     registry: RegistryOptions | None = None,
     cache_dir: Path | None = None,
+    store_root: str | None = None,
+    allow_modified: bool = False,
 ) -> Image:
     """Resolve SOURCE: a local image in place, a registry one pulled into the cache."""
     if is_registry_source(source):
@@ -68,7 +73,13 @@ def open_any_image(
             options=registry or RegistryOptions(),
             cache_dir=ensure_cache_dir(cache_dir or default_cache_dir()),
         )
-    return open_image(source, image=image, platform=platform)
+    return open_image(
+        source,
+        image=image,
+        platform=platform,
+        store_root=store_root,
+        allow_modified=allow_modified,
+    )
 
 
 def load_for_mount(
@@ -82,6 +93,8 @@ def load_for_mount(
     upto: int | None,
     warn: Callable[[str], None],
     progress: Progress,
+    store_root: str | None = None,
+    allow_modified: bool = False,
 ) -> LoadedImage:
     """The tree ``mount --layers`` and/or ``--upto N`` serves (blocking).
 
@@ -91,7 +104,13 @@ def load_for_mount(
     not for a mount that lives for weeks.
     """
     resolved = open_any_image(
-        source, image=image, platform=platform, registry=registry, cache_dir=cache_dir
+        source,
+        image=image,
+        platform=platform,
+        registry=registry,
+        cache_dir=cache_dir,
+        store_root=store_root,
+        allow_modified=allow_modified,
     )
     if upto is not None:
         resolved = upto_image(resolved, upto)
@@ -105,6 +124,17 @@ def load_for_mount(
 
 
 # -- command line ------------------------------------------------------------------------------
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--store-root`` for the host-store sources (containers-storage:, docker-store:)."""
+    parser.add_argument(
+        "--store-root",
+        metavar="DIR",
+        help="the host store to read: containers-storage's graph root (default "
+        "/var/lib/containers/storage, or ~/.local/share/containers/storage for a user) or "
+        "Docker's data root (default /var/lib/docker)",
+    )
 
 
 def add_commands(
@@ -146,7 +176,18 @@ def add_commands(
     points.add_argument(
         "--layers", type=int, nargs=2, metavar=("N", "M"), help="after layer N vs after layer M"
     )
-    for parser in (inspect, which, diff):
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="check that every layer is exactly the image's (host stores: the tamper check)",
+        description="Rebuild each layer of SOURCE and check it against its digest. For a host "
+        "store (containers-storage:, docker-store:) each layer is rebuilt from its tar-split "
+        "record and its extracted directory, and every path changed, added or removed on the "
+        "host is listed. Exits 0 when every layer matches, 1 otherwise.",
+    )
+    verify.add_argument("source", metavar="SOURCE")
+    for parser in (inspect, which, diff, verify):
+        add_store_arguments(parser)
         parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.add_argument(
             "--image", metavar="NAME:TAG", help="image to use from a multi-image tar"
@@ -161,7 +202,9 @@ def add_commands(
 
 
 def run(args: argparse.Namespace) -> None:
-    {"inspect": _run_inspect, "which": _run_which, "diff": _run_diff}[args.command](args)
+    commands = {"inspect": _run_inspect, "which": _run_which, "diff": _run_diff}
+    commands["verify"] = _run_verify
+    commands[args.command](args)
 
 
 def _emit(lines: Iterable[str]) -> None:
@@ -192,6 +235,19 @@ class _Resolver:
             platform=self.platform,
             registry=registry,
             cache_dir=self.args.cache_dir,
+            store_root=self.args.store_root,
+        )
+
+
+def _run_verify(args: argparse.Namespace) -> None:
+    image = _Resolver(args).open(args.source)
+    reports = verify_image(image, progress=Progress(enabled=not args.quiet))
+    _emit([verify_json(image, reports)] if args.json else verify_text(image, reports))
+    bad = [report for report in reports if not report.ok]
+    if bad:
+        # After the report: the exit status says it too (1, as any error).
+        raise LayerModifiedError(
+            f"{args.source}: {len(bad)} of {len(reports)} layers differ from the image"
         )
 
 

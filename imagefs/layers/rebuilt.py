@@ -146,9 +146,12 @@ class Change:
 
     path: str
     kind: str  # "changed", "added", "removed"
-    detail: str  # how: "content changed (CRC-64)", "size 5 -> 7", "file -> symlink"...
+    detail: str  # how: "content changed (CRC-64)", "size 5 -> 7", "file -> symlink"; the
+    # type of what was added ("file", "dir"...); "removed", or what was ("whiteout removed")
 
     def __str__(self) -> str:
+        if self.kind == "added":
+            return f"{self.path} (added {self.detail})"
         return f"{self.path} ({self.detail})"
 
 
@@ -419,8 +422,8 @@ class RebuiltPass:
 
     # -- the digest check ------------------------------------------------------------------
 
-    def verify(self) -> None:
-        """Read to the end; LayerModifiedError unless the layer is exactly the image's."""
+    def check(self) -> tuple[Digest, list[Change]]:
+        """Read to the end: the rebuilt tar's digest and every change found (then closed)."""
         try:
             while self._next_piece():
                 self.skip(_READ_CHUNK)
@@ -429,9 +432,13 @@ class RebuiltPass:
             found = self._hasher.result()
             from imagefs.layers.tamper import compare  # noqa: PLC0415 - tamper imports this
 
-            changes = compare(self._rebuilt, self._store, self._diff_fd, self.problems)
+            return found, compare(self._rebuilt, self._store, self._diff_fd, self.problems)
         finally:
             self.cancel()
+
+    def verify(self) -> None:
+        """Read to the end; LayerModifiedError unless the layer is exactly the image's."""
+        found, changes = self.check()
         expected = Digest(self._layer.descriptor.digest)
         if found == expected and not changes:
             return

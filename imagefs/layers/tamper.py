@@ -231,7 +231,7 @@ def compare(
             allowed.add(path)
     for path, st in disk.items():
         if path not in allowed:
-            changes.append(Change(path, "added", f"added {type_name(st.st_mode)}"))
+            changes.append(Change(path, "added", type_name(st.st_mode)))
     return sorted(changes, key=lambda change: change.path)
 
 
