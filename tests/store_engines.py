@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -132,9 +134,13 @@ class PodmanStore:
         require_root()
         require_tools("podman")
         self.root = directory / "root"
-        self.runroot = directory / "runroot"
         self.root.mkdir(parents=True)
-        self.runroot.mkdir(parents=True)
+        # podman refuses a runroot path longer than 50 characters: a short one
+        # of our own under /tmp, removed by close().
+        self.runroot = Path(tempfile.mkdtemp(prefix="imagefs-podman-run-", dir="/tmp"))
+
+    def close(self) -> None:
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
     def podman(self, *args: str) -> str:
         command = ["podman", "--root", str(self.root), "--runroot", str(self.runroot)]

@@ -91,10 +91,13 @@ def registry(
 @pytest.fixture(scope="module")
 def podman_store(
     registry: tuple[Registry, str], tmp_path_factory: pytest.TempPathFactory
-) -> PodmanStore:
+) -> Iterator[PodmanStore]:
     store = PodmanStore(tmp_path_factory.mktemp("podman"))
-    store.pull(registry[1])
-    return store
+    try:
+        store.pull(registry[1])
+        yield store
+    finally:
+        store.close()
 
 
 @pytest.fixture(scope="module")

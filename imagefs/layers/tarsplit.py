@@ -157,9 +157,10 @@ def _lines(fd: int, where: str) -> Iterator[bytes]:
                 raise TarSplitError(f"{where}: more than {MAX_TEXT} bytes of records")
             pending += text
             *complete, pending = pending.split(b"\n")
-            yield from complete
-            if len(pending) > MAX_LINE:
+            # pending grows by at most _READ_CHUNK between checks: bounded memory.
+            if len(pending) > MAX_LINE or any(len(line) > MAX_LINE for line in complete):
                 raise TarSplitError(f"{where}: a line longer than {MAX_LINE} bytes")
+            yield from complete
     if in_member:
         raise CompressionError(f"{where}: gzip stream is truncated")
     if total == 0:
