@@ -17,7 +17,6 @@ from typing import BinaryIO, Protocol
 
 from imagefs.errors import BlobError, CompressionError, DigestMismatchError, ImageFSError
 from imagefs.image import BlobFeed, Layer
-from imagefs.layers.rebuilt import RebuiltCheck
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -242,6 +241,8 @@ def digest_check(layer: Layer, gate: threading.Semaphore | None = None) -> Diges
     if layer.blob.feed is not None:
         return DownloadCheck(layer.blob.feed)
     if layer.blob.assembly is not None:  # tar-split hook: rebuild and check it (layers.rebuilt)
+        from imagefs.layers.rebuilt import RebuiltCheck  # noqa: PLC0415 - rebuilt imports us
+
         return RebuiltCheck(layer)
     algorithm, _ = digest_algorithm(layer)
     return BlobHasher(layer, algorithm, gate)

@@ -39,7 +39,9 @@ import errno
 import hashlib
 import logging
 import os
+import struct
 import threading
+import zlib
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,7 +55,8 @@ from imagefs.errors import (
     TarSplitError,
 )
 from imagefs.image import Layer
-from imagefs.layers.beneath import Beneath, open_regular
+from imagefs.layers.beneath import Beneath, open_beneath, open_regular
+from imagefs.layers.plumbing import InUse
 from imagefs.layers.tarsplit import FileRecord, Segment, crc64, crc64_bytes, read_records
 
 __all__ = [
@@ -113,7 +116,7 @@ def scan_layout(records: Iterator[Segment | FileRecord], where: str) -> Layout:
     for record in records:
         count += 1
         if isinstance(record, Segment):
-            offset += len(record.payload)
+            offset += record.size
             continue
         if record.size == 0:
             continue
@@ -191,7 +194,8 @@ class RebuiltTar:
         with Beneath(store_root) as store:
             fd = self._open_record(store)
             try:
-                self.layout = scan_layout(read_records(fd, self.where_record), self.where_record)
+                records = read_records(fd, self.where_record, payloads=False)
+                self.layout = scan_layout(records, self.where_record)
             finally:
                 os.close(fd)
 
@@ -315,8 +319,10 @@ class RebuiltPass:
         self._file_expect: bytes = b""
         self._file_problem: str | None = None
         self._file_index = 0
+        self._parent_name = ""
+        self._parent_fd = -1
+        self._shape = _Shape()
         self.problems: list[FileProblem] = []
-        self._done = False
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -358,9 +364,11 @@ class RebuiltPass:
             self._count += 1
             if isinstance(record, Segment):
                 if record.payload:
+                    self._shape.add_segment(record.payload)
                     self._segment = memoryview(record.payload)
                     return True
             elif record.size > 0:
+                self._shape.add_file(record.size)
                 self._start_file(record)
                 return True
         return False
@@ -377,8 +385,9 @@ class RebuiltPass:
         self._file_name, self._file_left = name, record.size
         self._file_expect = record.crc or b""
         self._file_crc, self._file_problem = None, None
+        parent, _, base = name.rpartition("/")
         try:
-            fd = open_regular(self._diff_fd, name)
+            fd = open_regular(self._parent(parent), base)
         except FileNotFoundError:
             self._file_problem = "removed"
             return
@@ -389,6 +398,20 @@ class RebuiltPass:
         if size != record.size:
             self._file_problem = f"size {record.size} -> {size}"
         self._file_fd = fd
+
+    def _parent(self, parent: str) -> int:
+        """The directory ``parent`` beneath diff/ (O_PATH), kept while files follow in it.
+
+        Tar order groups a directory's files, so this saves re-walking deep
+        paths for every file (measured: ~20% of the pass on small files).
+        """
+        if parent != self._parent_name or self._parent_fd < 0:
+            if self._parent_fd >= 0:
+                os.close(self._parent_fd)
+                self._parent_fd = -1
+            self._parent_fd = open_beneath(self._diff_fd, parent, os.O_PATH | os.O_DIRECTORY)
+            self._parent_name = parent
+        return self._parent_fd
 
     def _file_bytes(self, n: int) -> bytes:
         """Up to ``n`` bytes of the current file (zeros for what the disk lacks)."""
@@ -432,7 +455,8 @@ class RebuiltPass:
             found = self._hasher.result()
             from imagefs.layers.tamper import compare  # noqa: PLC0415 - tamper imports this
 
-            return found, compare(self._rebuilt, self._store, self._diff_fd, self.problems)
+            headers = self._shape.pieces()
+            return found, compare(self._rebuilt, headers, self._diff_fd, self.problems)
         finally:
             self.cancel()
 
@@ -461,7 +485,7 @@ class RebuiltPass:
         log.warning("%s; serving the host's bytes (--allow-modified)", message)
 
     def cancel(self) -> None:
-        for name in ("_file_fd", "_diff_fd", "_record_fd"):
+        for name in ("_file_fd", "_parent_fd", "_diff_fd", "_record_fd"):
             fd = getattr(self, name, -1)
             if fd >= 0:
                 os.close(fd)
@@ -470,6 +494,45 @@ class RebuiltPass:
 
     def close(self) -> None:
         self.cancel()
+
+
+class _Shape:
+    """The rebuilt tar with file data left out, kept compressed for the tamper check.
+
+    The pass sees every header once; keeping them (zlib level 1: tar headers
+    and padding shrink ~10x) lets the comparison scan the headers again
+    without parsing the tar-split record a second time.
+    """
+
+    _SEGMENT, _FILE = b"S", b"F"
+
+    def __init__(self) -> None:
+        self._packer = zlib.compressobj(1)
+        self._chunks: list[bytes] = []
+
+    def add_segment(self, payload: bytes) -> None:
+        self._chunks.append(self._packer.compress(self._SEGMENT + _LENGTH.pack(len(payload))))
+        self._chunks.append(self._packer.compress(payload))
+
+    def add_file(self, size: int) -> None:
+        self._chunks.append(self._packer.compress(self._FILE + _LENGTH.pack(size)))
+
+    def pieces(self) -> Iterator[bytes | int]:
+        """Segment bytes, and the size of each file's data, in stream order."""
+        data = zlib.decompress(b"".join(self._chunks) + self._packer.flush())
+        self._chunks = []
+        at, size = 0, _LENGTH.size
+        while at < len(data):
+            kind, (length,) = data[at : at + 1], _LENGTH.unpack_from(data, at + 1)
+            at += 1 + size
+            if kind == self._FILE:
+                yield length
+            else:
+                yield data[at : at + length]
+                at += length
+
+
+_LENGTH = struct.Struct("<Q")
 
 
 class RebuiltCheck:
@@ -503,7 +566,8 @@ class RebuiltData:
     """Thread-safe ``pread`` at offsets of the rebuilt tar.
 
     A file's bytes come from the file beneath ``diff/`` (opened for each
-    read, beneath the store root with no symlink followed); a file whose
+    read beneath the layer directory, which is opened beneath the store root
+    at the first read and kept; no symlink followed); a file whose
     size is no longer the recorded one fails the read (EIO in the mount),
     unless the layer is served ``allow_modified``, where the host's bytes
     are cut or zero-filled to the recorded size (the tree's size is the
@@ -515,41 +579,40 @@ class RebuiltData:
         self._rebuilt = rebuilt
         self._digest = layer.descriptor.digest
         self.size = rebuilt.size
-        self._closed = False
+        self._in_use = InUse()
         self._lock = threading.Lock()
+        self._diff_fd = -1  # opened at the first read: nothing held across a fork before it
         self._segment_cache: tuple[int, bytes] | None = None  # (offset, bytes) of the last one
+
+    def _diff(self) -> int:
+        with self._lock:
+            if self._diff_fd < 0:
+                with Beneath(self._rebuilt.store_root) as store:
+                    self._diff_fd = self._rebuilt.open_diff(store)
+            return self._diff_fd
 
     def pread(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise ValueError(f"negative offset or size ({offset}, {size})")
-        if self._closed:
-            raise ValueError("read from a closed layer")
         size = min(size, self.size - offset)
         if size <= 0:
             return b""
         layout = self._rebuilt.layout
         out = bytearray()
         pos, end = offset, offset + size
-        with Beneath(self._rebuilt.store_root) as store:
-            diff_fd = -1
-            try:
-                while pos < end:
-                    index = bisect.bisect_right(layout.starts, pos) - 1
-                    if index >= 0 and pos < layout.starts[index] + layout.sizes[index]:
-                        if diff_fd < 0:
-                            diff_fd = self._rebuilt.open_diff(store)
-                        start = layout.starts[index]
-                        take = min(end, start + layout.sizes[index]) - pos
-                        out += self._file_range(diff_fd, index, pos - start, take)
-                    else:
-                        following = index + 1
-                        limit = layout.starts[following] if following < len(layout.starts) else end
-                        take = min(end, limit) - pos
-                        out += self._segment_range(pos, take)
-                    pos += take
-            finally:
-                if diff_fd >= 0:
-                    os.close(diff_fd)
+        with self._in_use:
+            while pos < end:
+                index = bisect.bisect_right(layout.starts, pos) - 1
+                if index >= 0 and pos < layout.starts[index] + layout.sizes[index]:
+                    start = layout.starts[index]
+                    take = min(end, start + layout.sizes[index]) - pos
+                    out += self._file_range(self._diff(), index, pos - start, take)
+                else:
+                    following = index + 1
+                    limit = layout.starts[following] if following < len(layout.starts) else end
+                    take = min(end, limit) - pos
+                    out += self._segment_range(pos, take)
+                pos += take
         return bytes(out)
 
     def _file_range(self, diff_fd: int, index: int, offset: int, size: int) -> bytes:
@@ -604,4 +667,6 @@ class RebuiltData:
             return bytes(out)
 
     def close(self) -> None:
-        self._closed = True
+        if self._in_use.close() and self._diff_fd >= 0:
+            os.close(self._diff_fd)
+            self._diff_fd = -1

@@ -28,10 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from imagefs.errors import BlobError
-from imagefs.layers.beneath import Beneath, open_beneath
+from imagefs.layers.beneath import open_beneath
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.layers.rebuilt import Change, FileProblem, RebuiltTar, clean_member_name
-from imagefs.layers.tarsplit import FileRecord, Segment, read_records
 
 __all__ = ["compare", "header_entries", "walk"]
 
@@ -104,21 +103,21 @@ def walk(dir_fd: int, where: str) -> Iterator[tuple[str, os.stat_result]]:
 class _HeaderStream:
     """The rebuilt tar with every file's data read as zeros: headers only, no file opened."""
 
-    def __init__(self, records: Iterator[Segment | FileRecord]) -> None:
-        self._records = records
+    def __init__(self, pieces: Iterator[bytes | int]) -> None:
+        self._pieces = pieces
         self._segment = memoryview(b"")
         self._zeros = 0
         self._pos = 0
 
     def _more(self) -> bool:
         while not self._segment and not self._zeros:
-            record = next(self._records, None)
-            if record is None:
+            piece = next(self._pieces, None)
+            if piece is None:
                 return False
-            if isinstance(record, Segment):
-                self._segment = memoryview(record.payload)
+            if isinstance(piece, int):
+                self._zeros = piece
             else:
-                self._zeros = record.size
+                self._segment = memoryview(piece)
         return True
 
     def read(self, n: int) -> bytes:
@@ -150,16 +149,11 @@ class _HeaderStream:
         return self._pos
 
 
-def header_entries(rebuilt: RebuiltTar, store: Beneath) -> list[TarEntry]:
-    """The layer's tar entries, from the record's headers alone."""
+def header_entries(pieces: Iterator[bytes | int]) -> list[TarEntry]:
+    """The layer's tar entries, from its headers alone (see rebuilt._Shape)."""
     from imagefs.layers.tarscan import scan_tar  # noqa: PLC0415 - compiles patterns at import
 
-    fd = store.open_file(rebuilt.tarsplit)
-    try:
-        stream = _HeaderStream(read_records(fd, rebuilt.where_record))
-        return list(scan_tar(stream, lambda _message: None))
-    finally:
-        os.close(fd)
+    return list(scan_tar(_HeaderStream(pieces), lambda _message: None))
 
 
 @dataclass
@@ -171,16 +165,20 @@ class _Expected:
 
 
 def compare(
-    rebuilt: RebuiltTar, store: Beneath, diff_fd: int, problems: list[FileProblem]
+    rebuilt: RebuiltTar,
+    headers: Iterator[bytes | int],
+    diff_fd: int,
+    problems: list[FileProblem],
 ) -> list[Change]:
     """Every difference between the layer directory and the record, sorted by path.
 
+    ``headers``: the tar without its file data (rebuilt._Shape.pieces);
     ``problems``: what the pass found in the files' bytes (their content is
     not read again here).
     """
     expected: dict[str, _Expected] = {}
     opaque: dict[str, str] = {}
-    for entry in header_entries(rebuilt, store):
+    for entry in header_entries(headers):
         path = clean_member_name(os.fsencode(entry.path))
         if path is None:
             continue  # cannot be beneath the directory; the engines refuse such layers

@@ -31,7 +31,6 @@ decompressed text are bounded, and every malformed record is a
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import os
@@ -69,9 +68,14 @@ _READ_CHUNK = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """Raw bytes of the tar stream (headers, padding, end blocks)."""
+    """Raw bytes of the tar stream (headers, padding, end blocks).
+
+    ``payload`` is empty when the reader was asked not to decode it; ``size``
+    is always its length.
+    """
 
     payload: bytes
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,23 +104,42 @@ def crc64_bytes(value: int) -> bytes:
     return value.to_bytes(CRC_SIZE, "big")
 
 
-def read_records(fd: int, where: str) -> Iterator[Segment | FileRecord]:
+def read_records(fd: int, where: str, *, payloads: bool = True) -> Iterator[Segment | FileRecord]:
     """The entries of the gzip'd tar-split file open at ``fd``, in order (blocking).
 
     ``where`` names the file in errors. Reads from the descriptor's current
-    position; never seeks.
+    position; never seeks. ``payloads=False`` skips decoding the segments'
+    bytes (their ``size`` is still exact, from the base64 length), for a
+    caller that only needs the layout.
     """
-    lines = _lines(fd, where)
     seen: set[bytes] = set()
     count = 0
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue  # json.Decoder skips whitespace between values
+    number = 0
+    loads = json.loads
+    for line in _lines(fd, where):
+        number += 1
+        try:
+            obj = loads(line)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            if not line.strip():
+                continue  # json.Decoder skips whitespace between values
+            raise TarSplitError(f"{where}: line {number}: not a JSON entry: {exc}") from None
         if count >= MAX_ENTRIES:
             raise TarSplitError(f"{where}: more than {MAX_ENTRIES} entries")
-        record = _parse(line, count, f"{where}: line {number}")
+        # The fast path: exactly what the packer writes (a dict, int type and
+        # position); anything else goes through _parse for its precise error.
+        if type(obj) is dict and obj.get("position") == count and type(obj["position"]) is int:
+            kind = obj.get("type")
+            payload = obj.get("payload")
+            if kind == SEGMENT_TYPE and type(kind) is int and type(payload) is str:
+                yield _segment(payload, payloads, f"{where}: line {number}")
+                count += 1
+                continue
+        record = _parse(obj, count, f"{where}: line {number}")
         if isinstance(record, FileRecord):
-            key = _clean(record.name)
+            key = record.name
+            if key[:1] in (b"/", b".") or key[-1:] == b"/" or b"//" in key or b"/." in key:
+                key = _clean(key)
             if key in seen:
                 # packer.go: ErrDuplicatePath ("duplicates of file paths not supported")
                 raise TarSplitError(
@@ -125,6 +148,19 @@ def read_records(fd: int, where: str) -> Iterator[Segment | FileRecord]:
             seen.add(key)
         count += 1
         yield record
+
+
+def _segment(payload: str, decode: bool, where: str) -> Segment:
+    if decode:
+        try:
+            data = binascii.a2b_base64(payload, strict_mode=True)
+        except (binascii.Error, ValueError) as exc:
+            raise TarSplitError(f"{where}: field 'payload' is not base64: {exc}") from None
+        return Segment(data, len(data))
+    # Standard base64 with padding: 4 characters per 3 bytes, "=" for each missing one.
+    if len(payload) % 4:
+        raise TarSplitError(f"{where}: field 'payload' is not base64 (length {len(payload)})")
+    return Segment(b"", len(payload) // 4 * 3 - payload[-2:].count("="))
 
 
 def _lines(fd: int, where: str) -> Iterator[bytes]:
@@ -169,11 +205,7 @@ def _lines(fd: int, where: str) -> Iterator[bytes]:
         yield pending
 
 
-def _parse(line: bytes, index: int, where: str) -> Segment | FileRecord:
-    try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise TarSplitError(f"{where}: not a JSON entry: {exc}") from None
+def _parse(obj: object, index: int, where: str) -> Segment | FileRecord:
     if not isinstance(obj, dict):
         raise TarSplitError(f"{where}: entry must be a JSON object")
     kind = _int(obj, "type", where, required=True)
@@ -184,7 +216,7 @@ def _parse(line: bytes, index: int, where: str) -> Segment | FileRecord:
         payload = _b64(obj.get("payload"), "payload", where)
         if payload is None:
             raise TarSplitError(f"{where}: segment without a payload")
-        return Segment(payload)
+        return Segment(payload, len(payload))
     if kind != FILE_TYPE:
         raise TarSplitError(f"{where}: unknown entry type {kind}")
     size = _int(obj, "size", where, required=False)
@@ -217,7 +249,7 @@ def _b64(value: object, key: str, where: str) -> bytes | None:
     if not isinstance(value, str):
         raise TarSplitError(f"{where}: field {key!r} must be a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
+        return binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise TarSplitError(f"{where}: field {key!r} is not base64: {exc}") from None
 
