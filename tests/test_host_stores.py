@@ -12,17 +12,28 @@ tamper check.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imagefs.digest import Digest
+from imagefs.errors import (
+    BlobError,
+    CompressionError,
+    DigestMismatchError,
+    ManifestError,
+    SourceNotFoundError,
+)
 from imagefs.layers.reader import open_layer_data
 from imagefs.layers.rebuilt import rebuilt_of
 from imagefs.sources import open_image
+from imagefs.sources.containers_storage import big_data_name
 from tests import builder
 from tests.mounting import is_mounted, mounted, run_imagefs
 from tests.needs import require_tools
@@ -108,18 +119,26 @@ def dockerd(registry: tuple[Registry, str], tmp_path_factory: pytest.TempPathFac
     return daemon  # stopped: the offline reads come after
 
 
-@pytest.fixture(scope="module", params=["containers-storage", "docker-store"])
-def store(request: pytest.FixtureRequest, registry: tuple[Registry, str]) -> Store:
+@pytest.fixture(scope="module")
+def podman_image(podman_store: PodmanStore, registry: tuple[Registry, str]) -> Store:
     reference = registry[1]
-    if request.param == "containers-storage":
-        podman: PodmanStore = request.getfixturevalue("podman_store")
-        image_id = podman.podman("image", "inspect", "--format", "{{.Id}}", reference).strip()
-        return Store(request.param, podman.root, reference, image_id)
-    daemon: Dockerd = request.getfixturevalue("dockerd")
-    image_id = json.loads((daemon.data_root / "image/overlay2/repositories.json").read_text())[
-        "Repositories"
-    ][reference.rpartition(":")[0]][reference].removeprefix("sha256:")
-    return Store(request.param, daemon.data_root, reference, image_id)
+    image_id = podman_store.podman("image", "inspect", "--format", "{{.Id}}", reference).strip()
+    return Store("containers-storage", podman_store.root, reference, image_id)
+
+
+@pytest.fixture(scope="module")
+def docker_image(dockerd: Dockerd, registry: tuple[Registry, str]) -> Store:
+    reference = registry[1]
+    repositories = json.loads((dockerd.data_root / "image/overlay2/repositories.json").read_text())
+    image_id = repositories["Repositories"][reference.rpartition(":")[0]][reference]
+    return Store("docker-store", dockerd.data_root, reference, image_id.removeprefix("sha256:"))
+
+
+@pytest.fixture(scope="module", params=["podman_image", "docker_image"])
+def store(request: pytest.FixtureRequest) -> Store:
+    """Each engine's store in turn."""
+    found: Store = request.getfixturevalue(request.param)
+    return found
 
 
 def _refused_mount(store: Store, tmp_path: Path, cache: Path) -> str:
@@ -284,20 +303,26 @@ def test_read_only_bind_mount_of_the_store(store: Store, oracle: Oracle, tmp_pat
         result = run_imagefs("verify", "--store-root", view, store.source)
         assert result.returncode == 0, result.stderr
     finally:
-        subprocess.run(["umount", str(view)], check=True)
+        _unmount_bind(view)
+
+
+def _unmount_bind(view: Path) -> None:
+    """The daemons of the mounts above may still be exiting: retry, then detach lazily."""
+    for _ in range(50):
+        if subprocess.run(["umount", str(view)], capture_output=True, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    subprocess.run(["umount", "--lazy", str(view)], check=True)
 
 
 def test_podman_store_read_while_podman_runs(
-    podman_store: PodmanStore, registry: tuple[Registry, str], oracle: Oracle, tmp_path: Path
+    podman_store: PodmanStore, podman_image: Store, oracle: Oracle, tmp_path: Path
 ) -> None:
-    reference = registry[1]
-    image_id = podman_store.podman("image", "inspect", "--format", "{{.Id}}", reference).strip()
-    store = Store("containers-storage", podman_store.root, reference, image_id)
     with podman_store.service(tmp_path):
-        actual = _mount_snapshot(store, tmp_path)
+        actual = _mount_snapshot(podman_image, tmp_path)
         assert compare(oracle.records, actual) == []
         # The engine still works beside us (no lock taken, nothing changed).
-        assert image_id in podman_store.podman("images", "--no-trunc", "--quiet")
+        assert podman_image.image_id in podman_store.podman("images", "--no-trunc", "--quiet")
 
 
 def test_docker_store_read_while_dockerd_runs(
@@ -335,3 +360,103 @@ def test_podman_short_names_resolve(
         assert image.config_digest == f"sha256:{image_id}", ref
     spelled = f"containers-storage:[overlay@{podman_store.root}+/run/x]alpine:3"
     assert open_image(spelled).config_digest == f"sha256:{image_id}"
+
+
+def _edit_json(path: Path, edit: Callable[[Any], None]) -> None:
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+def _podman_image(document: Any, image_id: str) -> dict[str, Any]:
+    return next(image for image in document if image["id"] == image_id)
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        ("layer-path", ManifestError, "is not an ID"),
+        ("parent-cycle", ManifestError, "a parent cycle"),
+        ("config-byte", DigestMismatchError, "digest mismatch"),
+        ("not-json", ManifestError, "invalid JSON"),
+        ("record-garbage", CompressionError, "corrupt gzip"),
+        ("record-symlink", BlobError, "cannot open"),
+        ("names-type", ManifestError, "names must be strings"),
+    ],
+)
+def test_hostile_podman_store(
+    name: str, error: type[Exception], message: str, podman_image: Store, tmp_path: Path
+) -> None:
+    """Each edit of a real podman store fails with one clear line, before any layer is read."""
+    copy = podman_image.copy(tmp_path / "store")
+    images = copy.root / "overlay-images/images.json"
+    layers = copy.root / "overlay-layers/layers.json"
+    top = _podman_image(json.loads(images.read_text()), copy.image_id)["layer"]
+    if name == "layer-path":
+        _edit_json(images, lambda d: _podman_image(d, copy.image_id).update(layer="../../../etc"))
+    elif name == "parent-cycle":
+        _edit_json(layers, lambda d: next(x for x in d if x["id"] == top).update(parent=top))
+    elif name == "config-byte":
+        key = big_data_name(f"sha256:{copy.image_id}")
+        config = copy.root / "overlay-images" / copy.image_id / key
+        config.write_bytes(config.read_bytes().replace(b"amd64", b"arm64"))
+    elif name == "not-json":
+        images.write_text("[{")
+    elif name == "record-garbage":
+        (copy.root / f"overlay-layers/{top}.tar-split.gz").write_bytes(b"\x1f\x8bgarbage")
+    elif name == "record-symlink":
+        record = copy.root / f"overlay-layers/{top}.tar-split.gz"
+        record.unlink()
+        record.symlink_to(tmp_path / "elsewhere.tar-split.gz")
+    else:
+        _edit_json(images, lambda d: _podman_image(d, copy.image_id).update(names=[1]))
+    with pytest.raises(error) as info:
+        open_image(copy.source, store_root=str(copy.root))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("cache-id", "is not 64 hex digits"),
+        ("diff", "says"),
+        ("repositories", "is not sha256:<64 hex>"),
+    ],
+)
+def test_hostile_docker_store(name: str, message: str, docker_image: Store, tmp_path: Path) -> None:
+    """Each edit of a real Docker data root fails with one clear line."""
+    copy = docker_image.copy(tmp_path / "store")
+    layerdb = copy.root / "image/overlay2/layerdb/sha256"
+    base = layerdb / open_image(copy.source, store_root=str(copy.root)).layers[0].diff_id[7:]
+    if name == "cache-id":
+        (base / "cache-id").write_text("../../../../etc")
+    elif name == "diff":
+        (base / "diff").write_text("sha256:" + "0" * 64)
+    else:
+        repositories = copy.root / "image/overlay2/repositories.json"
+        _edit_json(repositories, lambda d: d["Repositories"].update({"x": {"x:1": "../etc"}}))
+    with pytest.raises(ManifestError) as info:
+        open_image(copy.source, store_root=str(copy.root))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_layer_directory_is_reported(store: Store, tmp_path: Path) -> None:
+    copy = store.copy(tmp_path / "store")
+    shutil.rmtree(copy.layer_dirs()[1])
+    result = run_imagefs("verify", "--json", "--store-root", copy.root, copy.source)
+    assert result.returncode == 1
+    states = [layer["state"] for layer in json.loads(result.stdout)["layers"]]
+    assert states == ["ok", "unreadable", "ok"]
+    message = _refused_mount(copy, tmp_path, tmp_path / "cache")
+    assert "cannot open" in message and str(copy.root) in message
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    for transport, wanted in (
+        ("containers-storage", "overlay driver"),
+        ("docker-store", "overlay2"),
+    ):
+        with pytest.raises(SourceNotFoundError, match=wanted):
+            open_image(f"{transport}:x:1", store_root=str(tmp_path))
+    with pytest.raises(SourceNotFoundError, match="no such directory"):
+        open_image("docker-store:x:1", store_root=str(tmp_path / "absent"))

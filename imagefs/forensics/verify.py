@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from imagefs.errors import DigestMismatchError
+from imagefs.errors import BlobError, DigestMismatchError, LayerError
 from imagefs.image import Image
 from imagefs.layers.reader import open_layer_stream
 from imagefs.layers.rebuilt import Change, rebuilt_of
@@ -27,12 +27,14 @@ from imagefs.tree.loader import short_digest
 
 __all__ = ["LayerReport", "modified_paths", "report_json", "report_text", "verify_image"]
 
-OK, MODIFIED, MISMATCH = "ok", "modified", "mismatch"
+OK, MODIFIED, MISMATCH, UNREADABLE = "ok", "modified", "mismatch", "unreadable"
 
 
 @dataclass(frozen=True, slots=True)
 class LayerReport:
-    """One layer's state: ``ok``, ``modified`` (store layers) or ``mismatch`` (blobs)."""
+    """One layer's state: ``ok``; ``modified`` (a store layer changed on the host, with
+    its changes); ``mismatch`` (the bytes read do not hash to the digest); ``unreadable``
+    (the layer could not be read to the end: ``error`` says why)."""
 
     index: int
     digest: str  # what it must hash to: the diff_id of a store layer, else the blob digest
@@ -56,20 +58,26 @@ def verify_image(image: Image, progress: Progress | None = None) -> list[LayerRe
     for index, layer in enumerate(image.layers):
         task = progress.start(f"layer {index + 1}/{count} {short_digest(layer.descriptor.digest)}")
         rebuilt = rebuilt_of(layer)
-        if rebuilt is not None:
-            found, changes = rebuilt.open_pass(layer).check()
-            state = OK if found == layer.descriptor.digest and not changes else MODIFIED
-            report = LayerReport(
-                index, layer.descriptor.digest, state, str(found), rebuilt.label,
-                rebuilt.where_diff, tuple(changes),
-            )  # fmt: skip
-        else:
-            try:
+        digest = layer.descriptor.digest
+        try:
+            if rebuilt is not None:
+                found, changes = rebuilt.open_pass(layer).check()
+                # No changed path, yet another digest: the record is not this layer's.
+                state = MODIFIED if changes else OK if found == digest else MISMATCH
+                report = LayerReport(
+                    index, digest, state, str(found), rebuilt.label, rebuilt.where_diff,
+                    tuple(changes),
+                )  # fmt: skip
+            else:
                 with open_layer_stream(layer) as stream:
                     stream.skip(layer.blob.length)
-                report = LayerReport(index, layer.descriptor.digest, OK, layer.descriptor.digest)
-            except DigestMismatchError as exc:
-                report = LayerReport(index, layer.descriptor.digest, MISMATCH, "", error=str(exc))
+                report = LayerReport(index, digest, OK, digest)
+        except DigestMismatchError as exc:
+            report = LayerReport(index, digest, MISMATCH, "", error=str(exc))
+        except (BlobError, LayerError) as exc:
+            # A missing layer directory, a corrupt record: say so and go on.
+            label, directory = (rebuilt.label, rebuilt.where_diff) if rebuilt else ("", "")
+            report = LayerReport(index, digest, UNREADABLE, "", label, directory, error=str(exc))
         task.finish(len(report.changes), rebuilt.size if rebuilt else layer.blob.length)
         reports.append(report)
     return reports

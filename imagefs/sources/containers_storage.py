@@ -139,6 +139,11 @@ def open_containers_storage(
     root = os.path.abspath(store_root or default_root())
     with open_store(root, TRANSPORT) as store:
         images_at = f"{_DRIVER}-images/images.json"
+        if not store.exists(images_at):
+            raise SourceNotFoundError(
+                f"{TRANSPORT}:{root}: no {images_at}: not a containers-storage store with the "
+                "overlay driver (vfs and btrfs stores are not supported)"
+            )
         images = _images(load_store_json(store, images_at), store.path(images_at))
         chosen = resolve_image(ref, [image for image, _ in images], f"{TRANSPORT}:{root}")
         obj = next(raw for image, raw in images if image is chosen)

@@ -125,6 +125,11 @@ def open_docker_store(
     """The image ``ref`` in the Docker data root ``store_root`` (blocking)."""
     root = os.path.abspath(store_root or DEFAULT_ROOT)
     with open_store(root, TRANSPORT) as store:
+        if not store.exists(_IMAGES):
+            raise SourceNotFoundError(
+                f"{TRANSPORT}:{root}: no {_IMAGES}: not a Docker data root with the overlay2 "
+                "storage driver (others, and the containerd image store, are not supported)"
+            )
         repositories = f"{_IMAGES}/repositories.json"
         try:
             named = _images(load_store_json(store, repositories), store.path(repositories))
