@@ -18,7 +18,6 @@ References resolve, in order (as ``podman`` / ``docker image inspect``):
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,19 +106,15 @@ class StoreLayer:
     label: str  # "podman layer 1234abcd5678" for messages
 
 
-def _normalized(name: str) -> str | None:
-    return normalize_name(name)
-
-
 def _name_candidates(ref: str) -> set[str]:
     """Fully qualified forms ``ref`` may mean (podman: ``localhost/`` for local builds)."""
     out = set()
-    normal = _normalized(ref)
+    normal = normalize_name(ref)
     if normal is not None:
         out.add(normal)
         parsed = parse_reference(ref)
         if parsed.domain == DOCKER_HUB and not ref.startswith(DOCKER_HUB):
-            local = _normalized(f"localhost/{ref}")
+            local = normalize_name(f"localhost/{ref}")
             if local is not None:
                 out.add(local)
     return out
@@ -138,7 +133,7 @@ def resolve_image(ref: str | None, images: Sequence[StoreImage], where: str) -> 
     by_name = [
         image
         for image in images
-        if any(_normalized(name) in wanted or name == ref for name in image.names)
+        if any(normalize_name(name) in wanted or name == ref for name in image.names)
     ]
     if not by_name and "@" in ref:
         repository, _, digest = ref.partition("@")
@@ -150,7 +145,7 @@ def resolve_image(ref: str | None, images: Sequence[StoreImage], where: str) -> 
             for image in images
             if digest in image.digests
             and any(
-                _normalized(name) is not None and parse_reference(name).repository in repos
+                normalize_name(name) is not None and parse_reference(name).repository in repos
                 for name in image.names
             )
         ]
@@ -223,7 +218,3 @@ def build_image(
         layers=tuple(built),
         platform=config.platform,
     )
-
-
-def store_root(explicit: str | None, default: str) -> str:
-    return os.path.abspath(explicit or default)
