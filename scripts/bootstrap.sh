@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 # The Linux-integration tests also need mount(8) (mount), systemd-analyze and
 # systemd-escape (systemd; it need not run as PID 1), unshare/nsenter/setpriv
 # (util-linux), useradd (passwd) and strace (the daemon-never-follows-symlinks test).
+# The host-store tests (tests/test_host_stores.py) run the real engines with
+# private roots: podman, and dockerd 20.10 with its own client (docker.io).
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc umoci skopeo docker-registry zstd attr file tar gzip
-    mount util-linux systemd passwd coreutils strace)
+    mount util-linux systemd passwd coreutils strace podman docker.io)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
