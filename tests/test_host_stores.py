@@ -264,15 +264,29 @@ def test_allow_modified_mounts_the_host_bytes(store: Store, tmp_path: Path) -> N
     assert "bin/tool (content changed" in _refused_mount(copy, tmp_path, cache)
 
 
-def test_planted_symlink_is_refused_not_followed(store: Store, tmp_path: Path) -> None:
-    secret = tmp_path / "host-secret"
-    secret.write_text("HOST SECRET\n")
+@pytest.mark.parametrize("planted", ["file", "parent"])
+def test_planted_symlink_is_refused_not_followed(
+    planted: str, store: Store, tmp_path: Path
+) -> None:
+    """``diff/etc/shadow`` (or ``diff/etc``) replaced by a symlink to the host's."""
+    host = tmp_path / "host-etc"
+    host.mkdir()
+    (host / "shadow").write_text("HOST SECRET\n")
     copy = store.copy(tmp_path / "store")
-    victim = copy.layer_dirs()[0] / "etc/shadow"
-    victim.unlink()
-    victim.symlink_to(secret)
+    etc = copy.layer_dirs()[0] / "etc"
+    if planted == "file":
+        (etc / "shadow").unlink()
+        (etc / "shadow").symlink_to(host / "shadow")
+        expected = ["etc/shadow (replaced by a symlink)"]
+    else:
+        shutil.rmtree(etc)
+        etc.symlink_to(host)
+        expected = ["etc/shadow (", "etc (dir -> symlink)"]
     message = _refused_mount(copy, tmp_path, tmp_path / "cache")
-    assert "etc/shadow (replaced by a symlink)" in message, message
+    assert all(part in message for part in expected), message
+    assert "HOST SECRET" not in message
+    report = run_imagefs("verify", "--store-root", copy.root, copy.source)
+    assert report.returncode == 1 and "HOST SECRET" not in report.stdout
     with mounted(copy.source, tmp_path / "mnt", f"--store-root={copy.root}", "--allow-modified",
                  cache=tmp_path / "cache2") as mnt:  # fmt: skip
         served = (mnt / "etc/shadow").read_bytes()

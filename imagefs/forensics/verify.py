@@ -11,6 +11,17 @@ layer is ok, 1 otherwise, after printing the whole report.
 
 :func:`verify_image` is the API; :func:`modified_paths` is what a mount
 with ``--allow-modified`` needs for the ``user.imagefs.modified`` xattr.
+
+Note for the daemon (not wired yet): with ``MountRequest.allow_modified``
+the layer pass logs the changes and goes on, but it runs in the tree-build
+child (tree.persisted) and a cached tree skips it altogether, so the daemon
+does not have them. It can call ``modified_paths(verify_image(image))``
+(one more full read of each layer, nothing cached) after ``open_image``,
+then answer ``user.imagefs.modified`` (value: the change's detail, e.g.
+``size 5 -> 12``) for a node whose providing layer index (the one
+``user.imagefs.layer_index`` reports) has the node's path in that layer's
+dict; hidden from listxattr like the other ``user.imagefs.*``. Added files
+are not in the tree, so only changed and removed ones can be marked.
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ CRC_SIZE = 8
 # padding, or a 1 MiB chunk of what followed the archive (disassemble.go's
 # paddingChunkSize); base64 makes it 4/3 as long. 4 MiB per line leaves room.
 MAX_LINE = 4 << 20
-MAX_ENTRIES = 20_000_000  # 10 million tar members: far past any real layer
+# Two entries per tar member: 4 million members, past any real layer (the
+# biggest seen are ~1 million), and a bound on the layout's memory (~100 B each).
+MAX_ENTRIES = 8_000_000
 MAX_TEXT = 32 << 30  # decompressed JSON text, all lines
 MAX_STREAM = 1 << 50  # the rebuilt tar (1 PiB): sizes past this are nonsense
 _READ_CHUNK = 1 << 20
