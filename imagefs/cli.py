@@ -93,7 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "source",
         metavar="SOURCE",
         help="[docker-archive:|oci:|oci-archive:|dir:]PATH, a registry image "
-        "[docker://]NAME[:TAG], or containerd:REF (the host's containerd store)",
+        "[docker://]NAME[:TAG], or an image of a host store: containerd:REF, "
+        "containers-storage:REF, docker-store:REF",
     )
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     mount.add_argument("--image", metavar="NAME:TAG", help="image to use from a multi-image tar")
@@ -152,8 +153,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the file system as it stood after layer N (0 = base; -1 = last)",
     )
-    registry_cli.add_registry_arguments(mount)
     forensics.add_store_arguments(mount)
+    mount.add_argument(
+        "--allow-modified",
+        action="store_true",
+        help="mount a host store's image even where its layer directories were changed "
+        "(each changed file is marked with the hidden xattr user.imagefs.modified)",
+    )
+    registry_cli.add_registry_arguments(mount)
 
     umount = commands.add_parser(
         "umount",
@@ -213,6 +220,7 @@ def _run_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         readahead_kb=args.readahead,
         namespace=args.namespace,
         store_root=args.store_root,
+        allow_modified=args.allow_modified,
     )
     mount(request)
 

@@ -23,9 +23,11 @@ non-zero without a traceback::
     ├── BlobError                 a blob cannot be read correctly
     │   ├── BlobMissingError      a referenced blob is absent
     │   └── DigestMismatchError   a blob's content does not match its digest
+    │       └── LayerModifiedError  a store's extracted layer was changed on the host
     ├── LayerError                a layer's content is unusable
     │   ├── CompressionError      corrupt/truncated gzip or zstd stream
-    │   └── TarFormatError        corrupt/truncated tar stream
+    │   ├── TarFormatError        corrupt/truncated tar stream
+    │   └── TarSplitError         corrupt/malformed tar-split record of a store layer
     └── MountError                the mount itself failed (mount point, FUSE)
 """
 
@@ -108,6 +110,14 @@ class DigestMismatchError(BlobError):
     """A blob's content (or size) does not match the digest that names it."""
 
 
+class LayerModifiedError(DigestMismatchError):
+    """A layer rebuilt from a host store (tar-split + extracted files) differs from the image.
+
+    Files under the layer's directory were changed, added or removed since
+    the engine extracted it; the message names the layer and the paths.
+    """
+
+
 class LayerError(ImageFSError):
     """A layer's content cannot be interpreted."""
 
@@ -118,6 +128,10 @@ class CompressionError(LayerError):
 
 class TarFormatError(LayerError):
     """A layer's tar stream is corrupt or truncated."""
+
+
+class TarSplitError(LayerError):
+    """A store layer's tar-split record is corrupt, truncated or malformed."""
 
 
 class MountError(ImageFSError):

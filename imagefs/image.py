@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from imagefs.digest import Digest
+from imagefs.errors import BlobError
 
 
 class BlobFeed(Protocol):
@@ -46,6 +47,31 @@ class BlobOpener(Protocol):
         ...
 
 
+class BlobAssembly(Protocol):
+    """A blob that is no file's byte range but rebuilt from pieces.
+
+    A layer in podman's or Docker's store exists only extracted, plus its
+    tar-split record; :class:`imagefs.layers.rebuilt.RebuiltTar` rebuilds the
+    exact tar from both. Readers in ``imagefs.layers`` read such a blob
+    through it instead of ``open_fd``.
+    """
+
+    @property
+    def size(self) -> int:
+        """The rebuilt blob's length in bytes."""
+        ...
+
+    def identity(self) -> list[int | str]:
+        """What makes it "the same blob we verified" (cf. layers.index.blob_identity)."""
+        ...
+
+    @property
+    def cacheable(self) -> bool:
+        """False when it may be served though it differs from its digest (--allow-modified):
+        nothing derived from it may then be cached under that digest."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class BlobRange:
     """A blob stored as a byte range of a local file.
@@ -54,8 +80,9 @@ class BlobRange:
     outer tar and ``offset``/``length`` locate the member's data. For a blob
     stored as its own file, ``offset`` is 0 and ``length`` its size.
     ``feed`` is set while the file is still being downloaded (see BlobFeed);
-    ``opener``, when the file must be opened another way (see BlobOpener).
-    ``path`` still names the file in messages.
+    ``opener``, when the file must be opened another way (see BlobOpener);
+    ``assembly``, for a blob rebuilt from pieces (see BlobAssembly): then
+    ``path`` only names it in messages, and there is no file to open.
     """
 
     path: str
@@ -63,9 +90,14 @@ class BlobRange:
     length: int
     feed: BlobFeed | None = field(default=None, compare=False, hash=False, repr=False)
     opener: BlobOpener | None = field(default=None, compare=False, hash=False, repr=False)
+    assembly: BlobAssembly | None = field(default=None, compare=False, hash=False, repr=False)
 
     def open_fd(self) -> int:
         """Open the underlying file read-only; the caller closes the descriptor."""
+        if self.assembly is not None:
+            # A rebuilt blob has no file: opening ``path`` would read the
+            # tar-split record as if it were the layer.
+            raise BlobError(f"{self.path}: a rebuilt layer, read through its assembly")
         if self.feed is not None:
             return self.feed.open_fd()
         if self.opener is not None:

@@ -96,9 +96,13 @@ class MountRequest:
     decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_MB << 20
     # The mount's readahead window in KiB (--readahead); 0 keeps the kernel's.
     readahead_kb: int = DEFAULT_READAHEAD_KB
-    # Host store sources (containerd:REF): --namespace and --store-root.
+    # Host stores: containerd's namespace (--namespace), where the store is
+    # (--store-root), and whether layers of an extracted store (containers-
+    # storage:, docker-store:) changed on the host are served anyway
+    # (--allow-modified; marked with user.imagefs.modified).
     namespace: str | None = None
     store_root: str | None = None
+    allow_modified: bool = False
 
     def fuse_options(self) -> set[str]:
         # fsname shows as the first column of /proc/mounts: keep the source
@@ -255,6 +259,7 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 progress=progress,
                 namespace=request.namespace,
                 store_root=request.store_root,
+                allow_modified=request.allow_modified,
             )
             image = loaded.image
         elif is_registry_source(request.source):
@@ -277,6 +282,7 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 platform=request.platform,
                 namespace=request.namespace,
                 store_root=request.store_root,
+                allow_modified=request.allow_modified,
             )
             if cache_dir is not None:
                 # The merged tree persists in the cache: built once, then mapped.

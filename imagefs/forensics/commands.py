@@ -18,7 +18,7 @@ from contextlib import closing
 from pathlib import Path
 
 from imagefs.cachedir import default_cache_dir, ensure_cache_dir
-from imagefs.errors import SourceNotFoundError, UsageError
+from imagefs.errors import LayerModifiedError, SourceNotFoundError, UsageError
 from imagefs.forensics.diff import (
     NEW,
     OLD,
@@ -31,6 +31,9 @@ from imagefs.forensics.diff import (
 )
 from imagefs.forensics.inspect import inspect_image, report_json, report_text
 from imagefs.forensics.provenance import trace_json, trace_path, trace_text
+from imagefs.forensics.verify import report_json as verify_json
+from imagefs.forensics.verify import report_text as verify_text
+from imagefs.forensics.verify import verify_image
 from imagefs.forensics.views import build_layer_views, upto_image
 from imagefs.image import Image, Platform
 from imagefs.progress import Progress, human_bytes
@@ -41,7 +44,7 @@ from imagefs.sources.containerd import DEFAULT_ROOT as CONTAINERD_ROOT
 from imagefs.tree.loader import LoadedImage, load_image, scan_layer
 from imagefs.tree.persisted import load_cached
 
-COMMANDS = ("inspect", "which", "diff", "images")
+COMMANDS = ("inspect", "which", "diff", "images", "verify")
 
 
 def _warn(message: str) -> None:
@@ -57,6 +60,7 @@ def open_any_image(
     cache_dir: Path | None = None,
     namespace: str | None = None,
     store_root: str | None = None,
+    allow_modified: bool = False,
 ) -> Image:
     """Resolve SOURCE: a local image in place, a registry one pulled into the cache."""
     if is_registry_source(source):
@@ -73,7 +77,12 @@ def open_any_image(
             cache_dir=ensure_cache_dir(cache_dir or default_cache_dir()),
         )
     return open_image(
-        source, image=image, platform=platform, namespace=namespace, store_root=store_root
+        source,
+        image=image,
+        platform=platform,
+        namespace=namespace,
+        store_root=store_root,
+        allow_modified=allow_modified,
     )
 
 
@@ -90,6 +99,7 @@ def load_for_mount(
     progress: Progress,
     namespace: str | None = None,
     store_root: str | None = None,
+    allow_modified: bool = False,
 ) -> LoadedImage:
     """The tree ``mount --layers`` and/or ``--upto N`` serves (blocking).
 
@@ -106,6 +116,7 @@ def load_for_mount(
         cache_dir=cache_dir,
         namespace=namespace,
         store_root=store_root,
+        allow_modified=allow_modified,
     )
     if upto is not None:
         resolved = upto_image(resolved, upto)
@@ -160,7 +171,17 @@ def add_commands(
     points.add_argument(
         "--layers", type=int, nargs=2, metavar=("N", "M"), help="after layer N vs after layer M"
     )
-    for parser in (inspect, which, diff):
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="check that every layer is exactly the image's (host stores: the tamper check)",
+        description="Rebuild each layer of SOURCE and check it against its digest. For a host "
+        "store (containers-storage:, docker-store:) each layer is rebuilt from its tar-split "
+        "record and its extracted directory, and every path changed, added or removed on the "
+        "host is listed. Exits 0 when every layer matches, 1 otherwise.",
+    )
+    verify.add_argument("source", metavar="SOURCE")
+    for parser in (inspect, which, diff, verify):
         parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.add_argument(
             "--image", metavar="NAME:TAG", help="image to use from a multi-image tar"
@@ -176,7 +197,7 @@ def add_commands(
     images = commands.add_parser(
         "images",
         parents=[common],
-        help="list the images in this host's engine stores (containerd)",
+        help="list the images in this host's engine stores (containerd, podman, Docker)",
         description="List the images found in the host stores present (or the one at "
         "--store-root): store, namespace, name, digest and size. Read offline: no daemon "
         "is asked, nothing in the store is written or locked.",
@@ -189,15 +210,19 @@ def add_commands(
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--namespace`` and ``--store-root``, for host store sources (``containerd:REF``)."""
-    group = parser.add_argument_group("host store sources (containerd:REF)")
+    """``--namespace`` and ``--store-root``, for host store sources."""
+    group = parser.add_argument_group(
+        "host store sources (containerd:REF, containers-storage:REF, docker-store:REF)"
+    )
     group.add_argument(
         "--namespace", metavar="NS", help="containerd namespace to search (default: every one)"
     )
     group.add_argument(
         "--store-root",
         metavar="DIR",
-        help=f"the store's root directory (default: {CONTAINERD_ROOT} for containerd:)",
+        help=f"the store's root directory (default: {CONTAINERD_ROOT} for containerd:, "
+        "/var/lib/containers/storage for containers-storage: as root, else "
+        "~/.local/share/containers/storage, /var/lib/docker for docker-store:)",
     )
 
 
@@ -207,6 +232,7 @@ def run(args: argparse.Namespace) -> None:
         "which": _run_which,
         "diff": _run_diff,
         "images": _run_images,
+        "verify": _run_verify,
     }
     commands[args.command](args)
 
@@ -244,6 +270,18 @@ class _Resolver:
             cache_dir=self.args.cache_dir,
             namespace=self.args.namespace if in_store else None,
             store_root=self.args.store_root if in_store else None,
+        )
+
+
+def _run_verify(args: argparse.Namespace) -> None:
+    image = _Resolver(args).open(args.source)
+    reports = verify_image(image, progress=Progress(enabled=not args.quiet))
+    _emit([verify_json(image, reports)] if args.json else verify_text(image, reports))
+    bad = [report for report in reports if not report.ok]
+    if bad:
+        # After the report: the exit status says it too (1, as any error).
+        raise LayerModifiedError(
+            f"{args.source}: {len(bad)} of {len(reports)} layers differ from the image"
         )
 
 

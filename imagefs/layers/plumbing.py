@@ -211,6 +211,10 @@ def digest_check(layer: Layer, executor: Executor | None = None) -> DigestCheck:
     """Start checking ``layer``'s blob against its digest (see DigestCheck)."""
     if layer.blob.feed is not None:
         return DownloadCheck(layer.blob.feed)
+    if layer.blob.assembly is not None:  # tar-split hook: rebuild and check it (layers.rebuilt)
+        from imagefs.layers.rebuilt import RebuiltCheck  # noqa: PLC0415 - rebuilt imports us
+
+        return RebuiltCheck(layer)
     return BlobHasher(layer, executor)
 
 

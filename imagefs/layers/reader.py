@@ -127,6 +127,7 @@ from imagefs.layers.plumbing import (
     digest_check,
     pread_exact,
 )
+from imagefs.layers.rebuilt import RebuiltTar, rebuilt_of
 from imagefs.layers.zstd import SeekableBuilder, ZstdLayerData, ZstdStream, set_frame_cache_bytes
 
 __all__ = [
@@ -243,7 +244,7 @@ def detect_compression(layer: Layer) -> Compression:
             f"layer {layer.descriptor.digest}: media type {media_type!r} is not a layer "
             "type imagefs can read"
         )
-    if layer.blob.length <= 0:
+    if layer.blob.length <= 0 or layer.blob.assembly is not None:  # rebuilt (tar-split): a tar
         return Compression.NONE
     layer.blob.wait_for(4)  # a blob still downloading: its first bytes
     fd = _open_blob(layer)
@@ -472,6 +473,11 @@ def open_layer_stream(
     ``compression``: what :func:`detect_compression` said, if already asked.
     """
     compression = compression or detect_compression(layer)
+    rebuilt = rebuilt_of(layer)  # tar-split hook: a store's layer, see layers.rebuilt
+    if rebuilt is not None:
+        with _rebuilt_pass(layer, rebuilt) as stream:
+            yield stream
+        return
     gzip_index_path = seek_path = None
     if cache_dir is not None and not _usable_cache_dir(cache_dir):
         cache_dir = None
@@ -490,6 +496,31 @@ def open_layer_stream(
         layer, compression, gzip_index_path=gzip_index_path, seek_path=seek_path, hasher=hasher
     ) as stream:
         yield stream
+
+
+@contextmanager
+def _rebuilt_pass(layer: Layer, rebuilt: RebuiltTar) -> Iterator[LayerStream]:
+    """tar-split hook: the pass over a rebuilt tar is its own digest check (layers.rebuilt)."""
+    if layer.descriptor.size > 0 and layer.descriptor.size != rebuilt.size:
+        raise DigestMismatchError(
+            f"layer {layer.descriptor.digest}: rebuilt tar is {rebuilt.size} bytes, "
+            f"descriptor says {layer.descriptor.size}"
+        )
+    stream = rebuilt.open_pass(layer)
+    try:
+        yield stream
+    except LayerError as exc:
+        try:  # as _layer_pass: a corrupt tar is most often a modified layer
+            stream.verify()
+        except DigestMismatchError as mismatch:
+            raise mismatch from exc
+        except (BlobError, LayerError):
+            pass
+        raise
+    except BaseException:
+        stream.cancel()
+        raise
+    stream.verify()
 
 
 @contextmanager
@@ -518,7 +549,8 @@ def digests_checked_ahead(
         workers = max(1, len(os.sched_getaffinity(0)))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="imagefs-hash-ahead")
         for layer, compression in zip(layers, compressions, strict=True):
-            plain = layer.blob.feed is None and compression is Compression.NONE
+            local = layer.blob.feed is None and layer.blob.assembly is None  # tar-split hook
+            plain = local and compression is Compression.NONE
             checks.append(BlobHasher(layer, pool) if plain else None)
         yield list(checks)
     finally:
@@ -589,6 +621,9 @@ def open_layer_data(
     (no threads), so it may be opened before the daemon forks.
     """
     compression = compression or detect_compression(layer)
+    rebuilt = rebuilt_of(layer)  # tar-split hook: a store's layer, see layers.rebuilt
+    if rebuilt is not None:
+        return rebuilt.open_data(layer)
     if compression is Compression.NONE:
         return _PlainLayerData(layer)
     if cache_dir is not None and not _usable_cache_dir(cache_dir):

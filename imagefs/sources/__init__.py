@@ -2,7 +2,8 @@
 
 Public surface::
 
-    open_image(source, *, image=None, platform=None, namespace=None, store_root=None) -> Image
+    open_image(source, *, image=None, platform=None, namespace=None, store_root=None,
+               allow_modified=False) -> Image
     parse_platform("linux/arm64/v8") -> Platform
     host_platform() -> Platform
     is_local_source(source) -> bool
@@ -14,7 +15,10 @@ Modules: ``spec`` (SOURCE parsing), ``tarmembers`` (outer tar index),
 digests, platform selection), ``ocilayout`` (OCI layouts and oci-archives),
 ``dockerarchive`` (``docker save`` shapes), ``dirtransport`` (skopeo's
 ``dir:``), ``names`` (Docker name normalisation), ``platform``; host stores:
-``bbolt`` (bbolt files), ``containerd`` (containerd's metadata and content store).
+``containerd`` (its metadata, read by ``bbolt``, and content store),
+``containers_storage`` and ``docker_store`` (extracted layers rebuilt from
+tar-split; ``extracted`` is what they share), ``hoststore`` (what ``imagefs
+images`` lists).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from imagefs.errors import SourceError, SourceNotFoundError, UsageError
 from imagefs.image import Image, Platform
 from imagefs.sources import containerd
 from imagefs.sources.containerd import open_containerd_image
+from imagefs.sources.containers_storage import open_containers_storage
 from imagefs.sources.dirtransport import is_dir_transport, open_dir_transport
+from imagefs.sources.docker_store import open_docker_store
 from imagefs.sources.dockerarchive import MANIFEST_JSON, open_docker_archive
 from imagefs.sources.hoststore import StoreImage
 from imagefs.sources.ocilayout import INDEX_FILE, LAYOUT_FILE, open_layout
 from imagefs.sources.platform import host_platform, parse_platform
-from imagefs.sources.spec import is_local_source, parse_source, split_store
+from imagefs.sources.spec import StoreSpec, is_local_source, parse_source, split_store
 from imagefs.sources.store import DirStore, TarStore
 from imagefs.sources.tarmembers import TarMembers
 
@@ -58,6 +64,7 @@ def open_image(
     platform: Platform | None = None,
     namespace: str | None = None,
     store_root: str | None = None,
+    allow_modified: bool = False,
 ) -> Image:
     """Resolve SOURCE (see :mod:`imagefs.sources.spec`) to an Image.
 
@@ -65,17 +72,20 @@ def open_image(
     SOURCE. ``platform`` chooses within image indexes; leave it None unless
     the user asked for one: None means the host's platform for indexes, and
     a docker save archive then yields the image its manifest.json describes.
-    ``namespace`` and ``store_root`` apply to host stores (``containerd:REF``).
-    Blocks: reads the archive's headers and the manifests, never layer data.
+    Host stores (``containerd:``, ``containers-storage:``, ``docker-store:``)
+    are read at ``store_root`` (default: the engine's own); ``namespace``
+    narrows containerd's search; ``allow_modified`` serves an extracted
+    store's layers even where the host changed them (see layers.rebuilt).
     """
     in_store = split_store(source)
     if in_store is not None:
-        return _open_store_image(
-            *in_store, image=image, platform=platform, namespace=namespace, store_root=store_root
-        )
-    if namespace is not None or store_root is not None:
+        return _open_store_image(in_store, source, image=image, platform=platform,
+                                 namespace=namespace, store_root=store_root,
+                                 allow_modified=allow_modified)  # fmt: skip
+    if namespace is not None or store_root is not None or allow_modified:
         raise UsageError(
-            f"{source}: --namespace and --store-root are for host stores (containerd:REF)"
+            f"{source}: --namespace, --store-root and --allow-modified are for host stores "
+            "(containerd:, containers-storage:, docker-store:)"
         )
     spec = parse_source(source)
     ref = spec.ref
@@ -142,21 +152,36 @@ def open_image(
 
 
 def _open_store_image(
-    transport: str,
-    ref: str,
+    spec: StoreSpec,
+    source: str,
     *,
     image: str | None,
     platform: Platform | None,
     namespace: str | None,
     store_root: str | None,
+    allow_modified: bool,
 ) -> Image:
-    if image is not None and ref and ref != image:
-        raise UsageError(f"{transport}:{ref}: names image {ref!r} but --image says {image!r}")
-    ref = ref or image or ""
+    transport = spec.transport
+    if image is not None and spec.ref and spec.ref != image:
+        raise UsageError(f"{source}: names image {spec.ref!r} but --image says {image!r}")
+    ref = spec.ref or image or ""
     if not ref:
-        raise UsageError(f"{transport}: needs an image reference after '{transport}:'")
-    wanted = platform if platform is not None else host_platform()
-    return open_containerd_image(ref, namespace=namespace, store_root=store_root, platform=wanted)
+        raise UsageError(f"{source}: needs an image reference after '{transport}:'")
+    if spec.root and store_root is not None and spec.root != store_root:
+        raise UsageError(f"{source}: names store {spec.root} but --store-root says {store_root}")
+    root = store_root or spec.root or None
+    if transport == "containerd":
+        if allow_modified:
+            raise UsageError(
+                f"{source}: --allow-modified is for extracted stores (containers-storage:, "
+                "docker-store:); containerd keeps the blobs themselves"
+            )
+        wanted = platform if platform is not None else host_platform()
+        return open_containerd_image(ref, namespace=namespace, store_root=root, platform=wanted)
+    if namespace is not None:
+        raise UsageError(f"{source}: --namespace is for containerd: stores only")
+    opener = open_containers_storage if transport == "containers-storage" else open_docker_store
+    return opener(ref, source=source, store_root=root, allow_modified=allow_modified)
 
 
 def list_store_images(

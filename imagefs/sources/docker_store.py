@@ -1,0 +1,173 @@
+"""``docker-store:REF``: an image in Docker's data root (overlay2 driver), offline.
+
+Docker (``image/`` and ``layer/`` packages of moby) keeps, under the data
+root (``/var/lib/docker``)::
+
+    image/overlay2/repositories.json    {"Repositories": {repo: {"repo:tag": "sha256:<id>"}}}
+    image/overlay2/imagedb/content/sha256/<id>   the image config (<id> is its sha256)
+    image/overlay2/layerdb/sha256/<chain-id>/diff               the layer's diff_id
+    image/overlay2/layerdb/sha256/<chain-id>/cache-id           its overlay2 directory name
+    image/overlay2/layerdb/sha256/<chain-id>/tar-split.json.gz  its tar-split record
+    overlay2/<cache-id>/diff                                    the layer, extracted
+
+A layer is found by its *chain ID* (image-spec ``config.md``, "Layer
+ChainID"): ``ChainID(L0) = DiffID(L0)``, ``ChainID(Ln) = sha256(ChainID(Ln-1) +
+" " + DiffID(Ln))``. Nothing is locked or written; Docker replaces these files
+by rename, so each read sees a whole version.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from imagefs.digest import Digest
+from imagefs.errors import ManifestError, SourceNotFoundError
+from imagefs.image import Image
+from imagefs.layers.beneath import Beneath
+from imagefs.sources.extracted import (
+    MAX_CONFIG,
+    IndexedImage,
+    StoreLayer,
+    build_image,
+    is_hex_id,
+    load_store_json,
+    open_store,
+    resolve_image,
+)
+from imagefs.sources.manifest import expect_object, parse_config
+
+__all__ = ["DEFAULT_ROOT", "TRANSPORT", "chain_ids", "open_docker_store"]
+
+TRANSPORT = "docker-store"
+DEFAULT_ROOT = "/var/lib/docker"
+_IMAGES = "image/overlay2"
+_SMALL = 4096  # diff and cache-id files: one line
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """The chain ID of each layer (image-spec config.md)."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        if not chain:
+            chain.append(diff_id)
+        else:
+            chain.append(str(Digest.of(f"{chain[-1]} {diff_id}".encode())))
+    return chain
+
+
+def _images(document: Any, where: str) -> list[IndexedImage]:
+    obj = expect_object(document, where)
+    repositories = expect_object(obj.get("Repositories") or {}, where, "Repositories")
+    names: dict[str, list[str]] = {}
+    digests: dict[str, list[str]] = {}
+    for repo, refs in repositories.items():
+        for ref, value in expect_object(refs, f"{where}: {repo}", "repository").items():
+            if not isinstance(value, str) or not is_hex_id(value.removeprefix("sha256:")):
+                raise ManifestError(f"{where}: {ref}: image ID {value!r} is not sha256:<64 hex>")
+            image_id = value.removeprefix("sha256:")
+            names.setdefault(image_id, [])
+            if "@" in ref:
+                digests.setdefault(image_id, []).append(ref.partition("@")[2])
+            names[image_id].append(ref)
+    return [
+        IndexedImage(image_id, tuple(refs), tuple(sorted(set(digests.get(image_id, [])))))
+        for image_id, refs in names.items()
+    ]
+
+
+def _all_ids(store: Beneath) -> list[str]:
+    """Every image ID in imagedb (untagged images are found by ID too)."""
+    content = f"{_IMAGES}/imagedb/content/sha256"
+    try:
+        return [entry.name for entry in store.listdir(content) if is_hex_id(entry.name)]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise ManifestError(f"{store.path(content)}: cannot list: {exc.strerror or exc}") from exc
+
+
+def _small_text(store: Beneath, relpath: str) -> str:
+    try:
+        return store.read(relpath, _SMALL).decode("ascii").strip()
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"{store.path(relpath)}: missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{store.path(relpath)}: cannot read: {exc}") from exc
+
+
+def _layer(store: Beneath, chain_id: str, diff_id: str) -> StoreLayer:
+    hexid = chain_id.removeprefix("sha256:")
+    base = f"{_IMAGES}/layerdb/sha256/{hexid}"
+    recorded = _small_text(store, f"{base}/diff")
+    if recorded != diff_id:
+        raise ManifestError(f"{store.path(base)}/diff: says {recorded!r}, expected {diff_id}")
+    cache_id = _small_text(store, f"{base}/cache-id")
+    if not re.fullmatch(r"[0-9a-f]{64}", cache_id):
+        raise ManifestError(f"{store.path(base)}/cache-id: {cache_id!r} is not 64 hex digits")
+    return StoreLayer(
+        diff_id=diff_id,
+        tarsplit=f"{base}/tar-split.json.gz",
+        diff=f"overlay2/{cache_id}/diff",
+        label=f"docker layer {hexid[:12]}",
+    )
+
+
+def open_docker_store(
+    ref: str | None,
+    *,
+    source: str,
+    store_root: str | None = None,
+    allow_modified: bool = False,
+) -> Image:
+    """The image ``ref`` in the Docker data root ``store_root`` (blocking)."""
+    root = os.path.abspath(store_root or DEFAULT_ROOT)
+    with open_store(root, TRANSPORT) as store:
+        if not store.exists(_IMAGES):
+            raise SourceNotFoundError(
+                f"{TRANSPORT}:{root}: no {_IMAGES}: not a Docker data root with the overlay2 "
+                "storage driver (others, and the containerd image store, are not supported)"
+            )
+        repositories = f"{_IMAGES}/repositories.json"
+        try:
+            named = _images(load_store_json(store, repositories), store.path(repositories))
+        except SourceNotFoundError:
+            named = []  # no tag at all yet: IDs still resolve
+        known = {image.id for image in named}
+        images = named + [IndexedImage(i, ()) for i in _all_ids(store) if i not in known]
+        chosen = resolve_image(ref, images, f"{TRANSPORT}:{root}")
+        config_at = f"{_IMAGES}/imagedb/content/sha256/{chosen.id}"
+        try:
+            config_data = store.read(config_at, MAX_CONFIG)
+        except FileNotFoundError:
+            raise SourceNotFoundError(
+                f"{store.path(config_at)}: the image's config is missing"
+            ) from None
+        except OSError as exc:
+            raise ManifestError(
+                f"{store.path(config_at)}: cannot read: {exc.strerror or exc}"
+            ) from exc
+        # The diff_ids are needed to find the layers; build_image verifies the
+        # config's digest before anything else is trusted from it.
+        Digest(f"sha256:{chosen.id}").verify(
+            config_data, where=store.path(config_at), over=f"{len(config_data)} bytes of config"
+        )
+        diff_ids = parse_config(config_data, store.path(config_at)).diff_ids
+        layers = [
+            _layer(store, chain_id, diff_id)
+            for chain_id, diff_id in zip(chain_ids(diff_ids), diff_ids, strict=True)
+        ]
+        manifest = chosen.digests[0] if len(chosen.digests) == 1 else ""
+        return build_image(
+            store,
+            source=source,
+            transport=TRANSPORT,
+            image_id=chosen.id,
+            config_data=config_data,
+            config_where=store.path(config_at),
+            layers=layers,
+            manifest_digest=manifest,
+            allow_modified=allow_modified,
+        )
