@@ -12,6 +12,7 @@ tamper check.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -260,6 +261,17 @@ def test_allow_modified_mounts_the_host_bytes(store: Store, tmp_path: Path) -> N
     with mounted(copy.source, tmp_path / "mnt", f"--store-root={copy.root}", "--allow-modified",
                  cache=cache) as mnt:  # fmt: skip
         assert (mnt / "bin/tool").read_bytes() == b"#!/bin/sh\necho evil\n"
+        # Marked, with how it changed; hidden from listxattr like the other
+        # user.imagefs.* (cp -a keeps the image's own xattrs only).
+        detail = os.getxattr(mnt / "bin/tool", "user.imagefs.modified")
+        assert b"content changed" in detail
+        assert "user.imagefs.modified" not in os.listxattr(mnt / "bin/tool")
+        with pytest.raises(OSError):  # an unchanged file carries no mark
+            os.getxattr(mnt / "etc/passwd", "user.imagefs.modified")
+    with mounted(copy.source, tmp_path / "mnt", f"--store-root={copy.root}", "--allow-modified",
+                 "--layers", cache=cache) as mnt:  # fmt: skip
+        for where in ("rootfs/bin/tool", "layers/0/bin/tool"):
+            assert b"content changed" in os.getxattr(mnt / where, "user.imagefs.modified")
     # A refusing mount does not reuse what the allowing one cached.
     assert "bin/tool (content changed" in _refused_mount(copy, tmp_path, cache)
 

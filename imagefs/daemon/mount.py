@@ -43,11 +43,13 @@ from imagefs.daemon.operations import ImageOperations
 from imagefs.errors import ImageFSError, MountError, UsageError
 from imagefs.forensics.commands import load_for_mount
 from imagefs.forensics.provenance import Provenance
+from imagefs.forensics.verify import modified_paths, verify_image
 from imagefs.image import Platform
 from imagefs.layers.reader import set_decoded_cache_limit
+from imagefs.progress import Progress
 from imagefs.registry import RegistryOptions, is_registry_source
 from imagefs.sources import open_image
-from imagefs.tree.loader import load_image
+from imagefs.tree.loader import LoadedImage, load_image
 from imagefs.tree.persisted import load_cached
 
 log = logging.getLogger("imagefs")
@@ -231,6 +233,29 @@ async def _serve_until_stopped(
     return stopped_by_signal
 
 
+def _mark_modified(
+    provenance: Provenance, loaded: LoadedImage, *, views: bool, progress: Progress
+) -> None:
+    """``--allow-modified``: find what the host changed, mark it ``user.imagefs.modified``.
+
+    One more read of each rebuilt layer (the tamper check itself); a cached
+    tree skipped the pass that found the changes, and nothing about them is
+    cached, so they are looked for again on every such mount.
+    """
+    changes = modified_paths(verify_image(loaded.image, progress))
+    if not changes:
+        return
+    prefixes = ("rootfs/", "layers/{layer}/") if views else ("",)
+    marked = provenance.mark_modified(loaded.tree, changes, prefixes)
+    count = sum(len(paths) for paths in changes.values())
+    log.warning(
+        "serving the host's bytes for %d path(s) changed on the host (--allow-modified); "
+        "%d served file(s) carry user.imagefs.modified",
+        count,
+        marked,
+    )
+
+
 def serve(request: MountRequest, ready_fd: int | None) -> None:
     """Open, mount and serve the image; blocks until unmounted.
 
@@ -292,9 +317,10 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
             else:
                 loaded = load_image(image, cache_dir=None, warn=log.warning, progress=progress)
         stack.callback(loaded.close)
-        operations = ImageOperations(
-            loaded.tree, loaded.content, Provenance(loaded.image, log.warning)
-        )
+        provenance = Provenance(loaded.image, log.warning)
+        if request.allow_modified:
+            _mark_modified(provenance, loaded, views=request.layers, progress=progress)
+        operations = ImageOperations(loaded.tree, loaded.content, provenance)
         check_mountpoint(request.mountpoint)
         # Resolved now: once mounted, resolving would stat our own root, which
         # this process cannot answer before its loop runs.

@@ -47,13 +47,16 @@ from imagefs.tree.overlay import (
     merge_layers,
 )
 from imagefs.tree.resolve import resolve
-from imagefs.tree.served import Attributes
+from imagefs.tree.served import Attributes, Tree, resolve_in_tree
 
 XATTR_PREFIX = "user.imagefs."
 LAYER_XATTR = "user.imagefs.layer"
 LAYER_INDEX_XATTR = "user.imagefs.layer_index"
 CREATED_BY_XATTR = "user.imagefs.created_by"
-PROVENANCE_XATTRS = (LAYER_XATTR, LAYER_INDEX_XATTR, CREATED_BY_XATTR)
+# On a file a host store changed, served anyway (mount --allow-modified): how
+# it changed ("content changed (CRC-64)", "size 5 -> 12", ...).
+MODIFIED_XATTR = "user.imagefs.modified"
+PROVENANCE_XATTRS = (LAYER_XATTR, LAYER_INDEX_XATTR, CREATED_BY_XATTR, MODIFIED_XATTR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +82,34 @@ class Provenance:
         self.layers = layer_infos(image)
         self._warn = warn
         self._warned: set[int] = set()
+        self.modified: dict[int, bytes] = {}  # ino -> how the host changed it
+
+    def mark_modified(
+        self, tree: Tree, changes: dict[int, dict[str, str]], prefixes: Sequence[str] = ("",)
+    ) -> int:
+        """Mark the served files the host changed (:func:`imagefs.forensics.verify.modified_paths`).
+
+        A path is marked where the merge placed it, and only if the file
+        there comes from the changed layer (a later layer may have replaced
+        it: then what is served is not the changed file). ``prefixes``: where
+        the tree holds image paths (``rootfs/`` and ``layers/N/`` of a
+        ``--layers`` mount). Returns how many inodes were marked.
+        """
+        for layer, paths in changes.items():
+            for path, detail in paths.items():
+                for prefix in prefixes:
+                    node = resolve_in_tree(tree, prefix.format(layer=layer) + path).node
+                    # layers/N/ shows layer N's own entries; anywhere else the
+                    # file must still be the one layer N put there.
+                    own_layer_view = "{layer}" in prefix
+                    if node is not None and (own_layer_view or node.layer == layer):
+                        self.modified[node.ino] = detail.encode("utf-8", "backslashreplace")
+        return len(self.modified)
 
     def getxattr(self, ino: int, node: Attributes, name: str) -> bytes | None:
         """The image's own xattr ``name`` of ``node`` if it has one, else provenance."""
+        if name == MODIFIED_XATTR and ino in self.modified:
+            return self.modified[ino]  # the host's doing: it wins over the image's own
         value = node.xattrs.get(name)
         if value is None:
             return self.xattr(node, name)
