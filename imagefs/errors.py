@@ -24,7 +24,8 @@ non-zero without a traceback::
     │   └── DigestMismatchError   a blob's content does not match its digest
     ├── LayerError                a layer's content is unusable
     │   ├── CompressionError      corrupt/truncated gzip or zstd stream
-    │   └── TarFormatError        corrupt/truncated tar stream
+    │   ├── TarFormatError        corrupt/truncated tar stream
+    │   └── TocError              eStargz / zstd:chunked table of contents malformed or inconsistent
     └── MountError                the mount itself failed (mount point, FUSE)
 """
 
@@ -113,6 +114,13 @@ class CompressionError(LayerError):
 
 class TarFormatError(LayerError):
     """A layer's tar stream is corrupt or truncated."""
+
+
+class TocError(LayerError):
+    """A layer's eStargz or zstd:chunked table of contents (or its footer) is malformed,
+    too big, or inconsistent (chunks outside the blob or overlapping, sizes not adding
+    up, names leaving the root). A TOC whose digest does not match raises
+    DigestMismatchError instead."""
 
 
 class MountError(ImageFSError):

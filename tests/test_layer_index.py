@@ -152,7 +152,8 @@ def test_index_of_another_schema_is_not_served(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     scan(image, 0, cache)
     path = Path(layer_index.index_path(str(cache), image.layers[0]))
-    path.write_bytes(path.read_bytes().replace(b'"schema": 1', b'"schema": 9', 1))
+    schema = f'"schema": {layer_index.INDEX_SCHEMA}'.encode()
+    path.write_bytes(path.read_bytes().replace(schema, b'"schema": 99', 1))
     assert layer_index.load(str(cache), image.layers[0]) is None
 
 

@@ -43,16 +43,23 @@ from imagefs.layers.plumbing import AtomicFile, DigestCheck, cache_path, check_b
 log = logging.getLogger(__name__)
 
 # Bump when the scanner changes what it reports for the same tar bytes, so
-# indexes written by older code are rebuilt rather than served.
-INDEX_SCHEMA = 1
+# indexes written by older code are rebuilt rather than served. 2: entries
+# carry TarEntry.bookkeeping (eStargz's TOC and landmark files).
+INDEX_SCHEMA = 2
+# The kinds of index: the tar scanner's entries (data offsets in the tar
+# stream), and those read from a layer's eStargz or zstd:chunked table of
+# contents (data offsets in the TOC's data space, layers.toc.model).
+TAR_INDEX = "tarindex"
+TOC_INDEX = "tocindex"
 _MAGIC = b"IMGFS-LX"
 _HEADER_LENGTH = struct.Struct("<I")
-# type, mode, uid, gid, size, mtime_ns, devmajor, devminor, data_offset,
+# type (| _BOOKKEEPING), mode, uid, gid, size, mtime_ns, devmajor, devminor, data_offset,
 # xattr count, sparse segment count (-1: not sparse), then the lengths of
 # path, linkname, uname, gname; the strings, xattrs and segments follow.
 _RECORD = struct.Struct("<BIQQQqIIQHiIIHH")
 _XATTR = struct.Struct("<HI")
 _SEGMENT = struct.Struct("<QQ")
+_BOOKKEEPING = 0x80  # in the type byte: TarEntry.bookkeeping
 _ZSTD_LEVEL = 3  # paths compress ~5x; level 3 costs ~10 ms per 10k entries
 _ENCODING = ("utf-8", "surrogateescape")  # how the scanner decodes names (os.fsdecode)
 
@@ -61,8 +68,8 @@ class _UnrepresentableError(Exception):
     """An entry this format cannot hold (a 2**64 uid, a name with a lone surrogate)."""
 
 
-def index_path(cache_dir: str, layer: Layer) -> str:
-    return cache_path(cache_dir, layer, f"tarindex-v{INDEX_SCHEMA}")
+def index_path(cache_dir: str, layer: Layer, kind: str = TAR_INDEX) -> str:
+    return cache_path(cache_dir, layer, f"{kind}-v{INDEX_SCHEMA}")
 
 
 def blob_identity(layer: Layer) -> list[int]:
@@ -80,11 +87,16 @@ def blob_identity(layer: Layer) -> list[int]:
 
 
 def save(
-    cache_dir: str, layer: Layer, entries: Sequence[TarEntry], warnings: Sequence[str]
+    cache_dir: str,
+    layer: Layer,
+    entries: Sequence[TarEntry],
+    warnings: Sequence[str],
+    kind: str = TAR_INDEX,
 ) -> None:
     """Persist a layer's entries, scanned from a blob whose digest was verified.
 
     Best effort: a cache that cannot be written only costs a rescan later.
+    ``kind``: :data:`TAR_INDEX` or :data:`TOC_INDEX`, whichever made them.
     """
     try:
         records = _encode(entries)
@@ -107,7 +119,7 @@ def save(
             }
         ).encode()
         body = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(records)
-        out = AtomicFile(index_path(cache_dir, layer))
+        out = AtomicFile(index_path(cache_dir, layer, kind))
         try:
             out.file.write(_MAGIC + _HEADER_LENGTH.pack(len(header)) + header)
             out.file.write(body)
@@ -120,7 +132,7 @@ def save(
 
 
 def load(
-    cache_dir: str, layer: Layer, hasher: DigestCheck | None = None
+    cache_dir: str, layer: Layer, hasher: DigestCheck | None = None, kind: str = TAR_INDEX
 ) -> tuple[list[TarEntry], list[str]] | None:
     """The cached entries and scan warnings of ``layer``, or None to scan it.
 
@@ -130,7 +142,7 @@ def load(
     ``hasher``: a digest check of the blob already under way, used (or
     cancelled) here.
     """
-    path = index_path(cache_dir, layer)
+    path = index_path(cache_dir, layer, kind)
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -202,8 +214,9 @@ def _encode(entries: Sequence[TarEntry]) -> bytes:
             path, linkname = _text(entry.path), _text(entry.linkname)
             uname, gname = _text(entry.uname), _text(entry.gname)
             sparse = entry.sparse
+            kind = entry.type | (_BOOKKEEPING if entry.bookkeeping else 0)
             record = _RECORD.pack(
-                entry.type, entry.mode, entry.uid, entry.gid, entry.size, entry.mtime_ns,
+                kind, entry.mode, entry.uid, entry.gid, entry.size, entry.mtime_ns,
                 entry.devmajor, entry.devminor, entry.data_offset, len(entry.xattrs),
                 -1 if sparse is None else len(sparse),
                 len(path), len(linkname), len(uname), len(gname),
@@ -260,8 +273,9 @@ def _decode(records: bytes, count: int) -> list[TarEntry]:
             sparse = tuple(_SEGMENT.unpack_from(records, at + i * _SEGMENT.size)
                            for i in range(nsparse))  # fmt: skip
             at += nsparse * _SEGMENT.size
-        entry = TarEntry(path, types[kind], mode, uid, gid, size, mtime_ns, linkname,
-                         devmajor, devminor, xattrs, data_offset, sparse, uname, gname)  # fmt: skip
+        entry = TarEntry(path, types[kind & ~_BOOKKEEPING], mode, uid, gid, size, mtime_ns,
+                         linkname, devmajor, devminor, xattrs, data_offset, sparse, uname, gname,
+                         bool(kind & _BOOKKEEPING))  # fmt: skip
         append(entry)
     if at != len(records):
         raise ValueError("trailing bytes after the last record")

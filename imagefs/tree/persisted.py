@@ -36,8 +36,9 @@ from imagefs.tree.packed import PackedTree, open_packed_tree, write_packed_root
 log = logging.getLogger(__name__)
 
 # Bump when the merge rules or the scanner change what a tree contains, so
-# trees built by older code are rebuilt rather than served.
-TREE_SCHEMA = 1
+# trees built by older code are rebuilt rather than served. 2: eStargz
+# bookkeeping entries left out; TOC layers indexed from their TOC.
+TREE_SCHEMA = 2
 
 
 def tree_sources(image: Image) -> dict[str, Any]:
