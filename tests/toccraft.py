@@ -251,7 +251,9 @@ def zstd_chunked(
         entry["offset"], entry["endOffset"] = start, end
         if len(chunks) > 1:
             for index, (written, at, size, digest) in enumerate(chunks):
-                target = entry if index == 0 else {"type": "chunk", "name": item.name}
+                target: dict[str, Any] = (
+                    entry if index == 0 else {"type": "chunk", "name": item.name}
+                )
                 target.update(chunkOffset=written, offset=at, chunkSize=size, chunkDigest=digest)
                 if index:
                     entries.append(target)
