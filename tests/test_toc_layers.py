@@ -347,6 +347,11 @@ def test_a_toc_that_does_not_match_its_digest_refuses_the_mount(
     produced: Produced, variant: str, annotation: str, tmp_path: Path
 ) -> None:
     layout = _copy_layout(produced, variant, tmp_path / "layout")
+    cache = tmp_path / "cache"
+    # Mounted once as it is, so the cache holds its tree and layer indexes:
+    # they must not let the tampered manifest skip the check.
+    with mounted(f"oci:{layout}:{TAG}", tmp_path / "first", cache=cache):
+        pass
     wrong = "sha256:" + "0" * 64
 
     def change(manifest: dict[str, Any]) -> None:
@@ -355,8 +360,7 @@ def test_a_toc_that_does_not_match_its_digest_refuses_the_mount(
 
     _rewrite_manifest(layout, change)
     (tmp_path / "mnt").mkdir()
-    result = run_imagefs("mount", f"--cache-dir={tmp_path / 'cache'}", f"oci:{layout}:{TAG}",
-                         tmp_path / "mnt")  # fmt: skip
+    result = run_imagefs("mount", f"--cache-dir={cache}", f"oci:{layout}:{TAG}", tmp_path / "mnt")
     assert result.returncode == 1, result.stderr
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1

@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 CHUNK_CACHE_BYTES = 32 << 20
 _FIRST_READ_SLACK = 4096  # compressed bytes beyond the chunk's size read at once
 _READ_PIECE = 1 << 20
+_NAMES_KEPT = 256  # file names remembered for messages about failed chunks
 
 _COMPRESSION = {TocFormat.ESTARGZ: "gzip", TocFormat.ZSTD_CHUNKED: "zstd"}
 
@@ -103,6 +104,18 @@ def _located(blob: LayerBlob, compression: str) -> TocLocation | None:
 # -- indexing ---------------------------------------------------------------------------
 
 
+def _index_kind(location: TocLocation) -> str:
+    """The TOC index's name for this location and these annotated digests.
+
+    The index holds entries of a TOC checked against the digests the layer's
+    annotations gave; a layer with other annotations (the same blob under
+    another manifest) must check its TOC again, not reuse them.
+    """
+    key = f"{location.format.value} {location.offset} {location.length} "
+    key += f"{location.json_digest} {location.compressed_digest}"
+    return f"{layer_index.TOC_INDEX}-{Digest.of(key.encode()).encoded[:16]}"
+
+
 def scan_toc_layer(
     layer: Layer,
     compression: str,
@@ -128,8 +141,9 @@ def scan_toc_layer(
         location = _located(blob, compression)
         if location is None:
             return None
+        kind = _index_kind(location)
         if cache_dir is not None:
-            cached = layer_index.load(cache_dir, layer, hasher, kind=layer_index.TOC_INDEX)
+            cached = layer_index.load(cache_dir, layer, hasher, kind=kind)
             if cached is not None:
                 entries, replayed = cached
                 for message in replayed:
@@ -165,7 +179,7 @@ def scan_toc_layer(
         _short(layer), len(entries), chunks, toc.format.value, location.length,
     )  # fmt: skip
     if cache_dir is not None:
-        layer_index.save(cache_dir, layer, entries, warnings, kind=layer_index.TOC_INDEX)
+        layer_index.save(cache_dir, layer, entries, warnings, kind=kind)
     return entries
 
 
@@ -281,6 +295,7 @@ class TocLayerData:
         self._table: _ChunkTable | None = None
         self._table_error: ImageFSError | None = None
         self._stream: RandomAccess | None = None
+        self._names: dict[int, str] = {}  # of files whose chunks failed
 
     # -- the tar stream's offsets -----------------------------------------------------
 
@@ -309,14 +324,24 @@ class TocLayerData:
             return self._table
 
     def _file_name(self, table: _ChunkTable, index: int) -> str:
-        """The name of the file chunk ``index`` belongs to, for messages (reads the TOC again)."""
-        try:
-            toc = read_toc(self._blob, self._location, where=self._where, warn=log.debug)
-            if not isinstance(toc, NotServable):
-                return repr(toc.entries[table.entry_index[index]].entry.path)
-        except (ImageFSError, IndexError):
-            pass
-        return f"TOC entry {table.entry_index[index]}"
+        """The name of the file chunk ``index`` belongs to, for messages.
+
+        The chunk table keeps no names (the daemon keeps it for good): an
+        error reads the TOC again, once per chunk that fails.
+        """
+        position = table.entry_index[index]
+        name = self._names.get(position)
+        if name is None:
+            name = f"TOC entry {position}"
+            try:
+                toc = read_toc(self._blob, self._location, where=self._where, warn=log.debug)
+                if not isinstance(toc, NotServable):
+                    name = repr(toc.entries[position].entry.path)
+            except (ImageFSError, IndexError):
+                pass
+            if len(self._names) < _NAMES_KEPT:
+                self._names[position] = name
+        return name
 
     def _pieces(self, chunk: Chunk) -> Iterator[bytes]:
         # The first read takes what the chunk should need (its size is an
