@@ -149,6 +149,7 @@ class _Parser:
         self.results: list[tuple[TarEntry, _File | None]] = []
         self.chunks: list[tuple[_File, _PendingChunk]] = []  # all of them, in TOC order
         self.file: _File | None = None  # the last regular file, while chunks may follow
+        self.undigested: str | None = None  # a file with a chunk that has no digest
         self.unames: dict[int, str] = {}
         self.gnames: dict[int, str] = {}
         self.index = 0
@@ -338,12 +339,10 @@ class _Parser:
             )
         if len(file.chunks) == 1 and file.chunks[0].digest is None:
             file.chunks[0].digest = file.digest  # one chunk: the file's digest is its digest
-        for chunk in file.chunks:
-            if chunk.digest is None:
-                raise TocError(
-                    f"{self.where}: TOC: chunk at {chunk.file_offset} of {file.raw_name!r} has "
-                    "no digest to verify it by"
-                )
+        if self.undigested is None and any(chunk.digest is None for chunk in file.chunks):
+            # Original stargz wrote no digests: nothing to verify chunks by,
+            # which is no inconsistency, but no way to serve them safely.
+            self.undigested = file.raw_name
 
     # -- extents ---------------------------------------------------------
 
@@ -430,6 +429,8 @@ def parse_entries(
         parser.index = index
         parser.entry(raw)
     parser.finish_file()
+    if parser.undigested is not None:
+        return NotServable(f"its TOC gives no digest for a chunk of {parser.undigested!r}")
     unservable = parser.place_chunks()
     if unservable is not None:
         return unservable
@@ -442,7 +443,7 @@ def parse_entries(
         chunks = tuple(
             Chunk(c.file_offset, c.size, c.offset, c.length, c.inner_offset, c.digest)
             for c in file.chunks
-            if c.digest is not None
+            if c.digest is not None  # all of them (undigested TOCs are not served)
         )
         entries.append(TocEntry(replace(entry, data_offset=TOC_DATA_BASE + data_size), chunks))
         data_size += entry.size
