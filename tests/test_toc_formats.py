@@ -648,7 +648,7 @@ def test_the_stream_reader_is_opened_only_for_tar_offsets(tmp_path: Path) -> Non
         opened.append(1)
         return Stream()
 
-    data = open_toc_layer_data(layer, "gzip", open_stream)
+    data = open_toc_layer_data(layer, "gzip", None, open_stream)
     assert data is not None
     entries = _scan(source, None)
     passwd = next(entry for entry in entries if entry.path == "etc/passwd")
@@ -657,7 +657,7 @@ def test_the_stream_reader_is_opened_only_for_tar_offsets(tmp_path: Path) -> Non
     assert data.pread(512, 3) == b"sss"
     data.close()
     assert opened == [1, -1]
-    assert open_toc_layer_data(layer, "zstd", open_stream) is None  # a gzip blob's TOC only
+    assert open_toc_layer_data(layer, "zstd", None, open_stream) is None  # a gzip blob's TOC only
 
 
 def test_crafted_blobs_are_valid_streams() -> None:
@@ -674,3 +674,32 @@ def test_crafted_blobs_are_valid_streams() -> None:
 def test_toc_limits_are_coherent() -> None:
     assert toc_limits.MAX_INNER_OFFSET > toc_limits.MAX_TOC_BYTES
     assert TOC_PIECE <= toc_limits.MAX_CHUNK_SIZE
+
+
+def test_the_daemon_reads_the_chunk_table_the_scan_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagefs.layers.toc import local  # noqa: PLC0415
+
+    crafted = estargz(ITEMS, chunk_size=100_000)
+    source = _layout(tmp_path, [crafted], builder.OCI_LAYER["gzip"])
+    cache = tmp_path / "cache"
+    entries = _scan(source, cache)
+    big = next(entry for entry in entries if entry.path == "bin/big")
+    parsed: list[int] = []
+    real_read_toc = read_toc
+
+    def counting_read_toc(*args: Any, **kwargs: Any) -> Any:
+        parsed.append(1)
+        return real_read_toc(*args, **kwargs)
+
+    monkeypatch.setattr(local, "read_toc", counting_read_toc)
+    layer = open_image(source).layers[0]
+    with local.TocLayerData(layer, _locate(crafted), lambda: None, str(cache)) as data:  # type: ignore[arg-type,return-value]
+        assert data.pread(big.data_offset + 150_000, 10) == RANDOM[150_000:150_010]
+    assert parsed == []
+    (table,) = cache.glob("*.tocchunks-*")
+    table.write_bytes(table.read_bytes()[:-1] + b"\0")  # torn or tampered: parse again
+    with local.TocLayerData(layer, _locate(crafted), lambda: None, str(cache)) as data:  # type: ignore[arg-type,return-value]
+        assert data.pread(big.data_offset + 150_000, 10) == RANDOM[150_000:150_010]
+    assert parsed == [1]

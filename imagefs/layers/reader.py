@@ -556,7 +556,10 @@ def open_layer_data(layer: Layer, cache_dir: str | None = None) -> LayerData:
     compression = detect_compression(layer)
     # --- TOC layers (issue #14 item 4): see imagefs.layers.toc.local ---
     toc_data = open_toc_layer_data(
-        layer, compression.value, lambda: _open_stream_data(layer, compression, cache_dir)
+        layer,
+        compression.value,
+        cache_dir if cache_dir is not None and _usable_cache_dir(cache_dir) else None,
+        lambda: _open_stream_data(layer, compression, cache_dir),
     )
     if toc_data is not None:
         return toc_data

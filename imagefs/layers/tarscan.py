@@ -84,7 +84,7 @@ from imagefs.layers.entry import EntryType, TarEntry
 if TYPE_CHECKING:
     from imagefs.layers.reader import LayerStream
 
-__all__ = ["MISSING_END_MARKER", "scan_tar"]
+__all__ = ["MISSING_END_MARKER", "new_entry", "scan_tar"]
 
 BLOCK = 512
 # Bound on any one extension payload (pax record set, GNU long name, sparse
@@ -277,6 +277,9 @@ def _entry_factory() -> Callable[
 
 
 _new_entry = _entry_factory()
+# The same, for other readers of tar metadata (imagefs.layers.toc): positional,
+# in TarEntry's field order, ``bookkeeping`` False.
+new_entry = _new_entry
 
 
 class _FieldError(Exception):

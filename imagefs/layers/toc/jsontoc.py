@@ -44,7 +44,6 @@ import binascii
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from imagefs.digest import Digest, InvalidDigestError
@@ -85,6 +84,7 @@ _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
 _NS = 1_000_000_000
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def parse_rfc3339_ns(value: str) -> int | None:
@@ -119,39 +119,47 @@ def _days_from_civil(year: int, month: int, day: int) -> int:
     return era * 146097 + day_of_era - 719468
 
 
-@dataclass(slots=True)
-class _PendingChunk:
-    file_offset: int
-    size: int
-    offset: int
-    inner_offset: int
-    digest: Digest | None
-    length: int = 0
-
-
-@dataclass(slots=True)
-class _File:
-    """A regular file whose ``chunk`` entries may still follow."""
-
-    raw_name: str
-    entry: TarEntry
-    digest: Digest | None
-    end_offset: int  # containers/storage's endOffset (0: not given)
-    chunks: list[_PendingChunk] = field(default_factory=list)
-    covered: int = 0
-
-
 class _Parser:
+    """One pass over the entries; chunks go to flat lists, checked as a whole at the end.
+
+    Written for speed (a TOC of 50k entries should parse in well under a
+    second): no object per chunk until the end, mtimes parsed once per
+    distinct string, names checked with the cheap test first.
+    """
+
     def __init__(self, payload_end: int, where: str, warn: Callable[[str], None]) -> None:
+        # Imported here, as tree.loader does: a mount served from its
+        # persisted tree never needs the tar scanner.
+        from imagefs.layers.tarscan import new_entry  # noqa: PLC0415
+
+        self.new_entry = new_entry
         self.payload_end = payload_end
         self.where = where
         self.warn = warn
-        self.results: list[tuple[TarEntry, _File | None]] = []
-        self.chunks: list[tuple[_File, _PendingChunk]] = []  # all of them, in TOC order
-        self.file: _File | None = None  # the last regular file, while chunks may follow
+        self.entries: list[TarEntry] = []
+        self.data_size = 0
+        # Chunks, in TOC order: owner (index in entries), file offset, size,
+        # blob offset, inner offset, digest (None: the file's, if it has one).
+        self.owner: list[int] = []
+        self.file_offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.offsets: list[int] = []
+        self.inners: list[int] = []
+        self.digests: list[str | None] = []
+        self.lengths: list[int] = []
+        # Per regular file with data: its end offset (containers/storage), by entry index.
+        self.end_offsets: dict[int, int] = {}
+        # The regular file whose chunk entries may follow.
+        self.file = -1
+        self.file_name = ""
+        self.file_size = 0
+        self.file_digest: object = None
+        self.file_first_chunk = 0
+        self.covered = 0
         self.undigested: str | None = None  # a file with a chunk that has no digest
         self.unames: dict[int, str] = {}
         self.gnames: dict[int, str] = {}
+        self.mtimes: dict[str, int] = {}
         self.index = 0
 
     def error(self, message: str) -> TocError:
@@ -160,7 +168,7 @@ class _Parser:
     # -- fields ----------------------------------------------------------
 
     def integer(self, raw: dict[str, Any], key: str, high: int) -> int:
-        value = raw.get(key, 0)
+        value = raw.get(key)
         if value is None:
             return 0
         if type(value) is not int or not 0 <= value <= high:
@@ -168,52 +176,61 @@ class _Parser:
         return value
 
     def text(self, raw: dict[str, Any], key: str, *, path: bool = False) -> str:
-        value = raw.get(key, "")
+        value = raw.get(key)
         if value is None:
             return ""
-        if not isinstance(value, str):
+        if type(value) is not str:
             raise self.error(f"{key} is not a string")
-        try:
-            value.encode(*_ENCODING)
-        except UnicodeEncodeError:
-            raise self.error(f"{key} {value!r} is not a file name") from None
+        if not value.isascii():
+            try:
+                value.encode(*_ENCODING)
+            except UnicodeEncodeError:
+                raise self.error(f"{key} {value!r} is not a file name") from None
         if path and "\0" in value:
             raise self.error(f"{key} {value!r} holds a NUL byte")
         return value
 
-    def digest(self, raw: dict[str, Any], key: str) -> Digest | None:
+    def digest(self, raw: dict[str, Any], key: str) -> str | None:
         value = raw.get(key)
-        if value in (None, ""):
+        if value is None or value == "":
             return None
+        if type(value) is str and _SHA256.fullmatch(value):
+            return value
         try:
-            digest = Digest.parse(value, f"{self.where}: TOC entry {self.index}: {key}")
+            parsed = Digest.parse(value, f"{self.where}: TOC entry {self.index}: {key}")
         except InvalidDigestError as exc:
             raise TocError(str(exc)) from None
-        if digest.algorithm != "sha256":
-            raise self.error(f"{key} {value!r} is not a sha256 digest")
-        return digest
+        raise self.error(f"{key} {parsed!r} is not a sha256 digest")
 
     def mtime(self, raw: dict[str, Any], name: str) -> int:
         value = raw.get("modtime")
-        if value in (None, ""):
+        if value is None or value == "":
             return 0
-        if not isinstance(value, str) or (ns := parse_rfc3339_ns(value)) is None:
+        if type(value) is not str:
+            raise self.error(f"modtime {value!r} is not an RFC 3339 time")
+        cached = self.mtimes.get(value)
+        if cached is not None:
+            return cached
+        ns = parse_rfc3339_ns(value)
+        if ns is None:
             raise self.error(f"modtime {value!r} is not an RFC 3339 time")
         if not MIN_TIME_NS <= ns <= MAX_TIME_NS:
             self.warn(f"TOC entry {name!r}: mtime out of range, clamped")
-            ns = max(MIN_TIME_NS, min(MAX_TIME_NS, ns))
+            return max(MIN_TIME_NS, min(MAX_TIME_NS, ns))
+        if len(self.mtimes) < 4096:  # hostile input may use a new time every entry
+            self.mtimes[value] = ns
         return ns
 
     def xattrs(self, raw: dict[str, Any]) -> tuple[tuple[str, bytes], ...]:
         value = raw.get("xattrs")
         if value is None:
             return ()
-        if not isinstance(value, dict):
+        if type(value) is not dict:
             raise self.error("xattrs is not an object")
         pairs = []
         for name, encoded in value.items():
             self.text({"xattr name": name}, "xattr name")
-            if not isinstance(encoded, str):
+            if type(encoded) is not str:
                 raise self.error(f"xattr {name!r} is not a base64 string")
             try:
                 pairs.append((name, base64.b64decode(encoded, validate=True)))
@@ -222,6 +239,8 @@ class _Parser:
         return tuple(pairs)
 
     def name_inside_root(self, key: str, name: str) -> None:
+        if ".." not in name:
+            return
         depth = 0
         for part in name.split("/"):
             if part == "..":
@@ -234,22 +253,24 @@ class _Parser:
     # -- entries ---------------------------------------------------------
 
     def entry(self, raw: object) -> None:
-        if not isinstance(raw, dict):
+        if type(raw) is not dict:
             raise self.error("is not an object")
         kind = raw.get("type")
         if kind == "chunk":
             self.chunk(raw)
             return
-        self.finish_file()
-        etype = _TYPES.get(kind) if isinstance(kind, str) else None
+        if self.file >= 0:
+            self.finish_file()
+        etype = _TYPES.get(kind) if type(kind) is str else None
         if etype is None:
             raise self.error(f"unknown type {kind!r}")
         name = self.text(raw, "name", path=True)
         if not name:
             raise self.error("has no name")
         self.name_inside_root("name", name)
-        uid = self.integer(raw, "uid", MAX_ID)
-        gid = self.integer(raw, "gid", MAX_ID)
+        integer = self.integer
+        uid = integer(raw, "uid", MAX_ID)
+        gid = integer(raw, "gid", MAX_ID)
         # eStargz writes a user or group name only when it changes for that
         # id (estargz.go, nameIfChanged); its reader carries it forward.
         uname = self.text(raw, "userName")
@@ -263,86 +284,95 @@ class _Parser:
         else:
             gname = self.gnames.get(gid, "")
         linkname = ""
-        if etype in (EntryType.SYMLINK, EntryType.HARDLINK):
+        devmajor = devminor = size = 0
+        if etype is EntryType.FILE:
+            size = integer(raw, "size", MAX_SIZE)
+        elif etype is EntryType.SYMLINK or etype is EntryType.HARDLINK:
             linkname = self.text(raw, "linkName", path=True)
             if etype is EntryType.HARDLINK:
                 if not linkname:
                     raise self.error(f"hardlink {name!r} has no target")
                 self.name_inside_root("linkName", linkname)
-        devmajor = devminor = 0
-        if etype in (EntryType.CHAR_DEVICE, EntryType.BLOCK_DEVICE):
-            devmajor = self.integer(raw, "devMajor", MAX_ID)
-            devminor = self.integer(raw, "devMinor", MAX_ID)
-        size = self.integer(raw, "size", MAX_SIZE) if etype is EntryType.FILE else 0
-        entry = TarEntry(
-            path=name,
-            type=etype,
-            mode=self.integer(raw, "mode", MAX_OFFSET) & 0o7777,
-            uid=uid,
-            gid=gid,
-            size=size,
-            mtime_ns=self.mtime(raw, name),
-            linkname=linkname,
-            devmajor=devmajor,
-            devminor=devminor,
-            xattrs=self.xattrs(raw),
-            uname=uname,
-            gname=gname,
-        )
+        elif etype is EntryType.CHAR_DEVICE or etype is EntryType.BLOCK_DEVICE:
+            devmajor = integer(raw, "devMajor", MAX_ID)
+            devminor = integer(raw, "devMinor", MAX_ID)
+        xattrs = self.xattrs(raw) if "xattrs" in raw else ()
+        mode = integer(raw, "mode", MAX_OFFSET) & 0o7777
+        mtime_ns = self.mtime(raw, name)
+        data_offset = TOC_DATA_BASE + self.data_size if etype is EntryType.FILE else 0
+        entry = self.new_entry(
+            name, etype, mode, uid, gid, size, mtime_ns, linkname, devmajor, devminor,
+            xattrs, data_offset, None, uname, gname,
+        )  # fmt: skip
+        self.entries.append(entry)
         if etype is not EntryType.FILE:
-            self.results.append((entry, None))
             return
-        digest = self.digest(raw, "digest")
-        end_offset = self.integer(raw, "endOffset", MAX_OFFSET)
-        self.file = _File(name, entry, digest, end_offset)
-        self.results.append((entry, self.file))
-        if size:
-            self.chunk(raw)
+        self.data_size += size
+        if self.data_size > MAX_DATA_SIZE:
+            raise self.error(f"the files add up to more than {MAX_DATA_SIZE} bytes")
+        if not size:
+            return
+        self.file = len(self.entries) - 1
+        self.file_name = name
+        self.file_size = size
+        self.file_digest = raw.get("digest")  # checked only if a chunk needs it
+        self.file_first_chunk = len(self.sizes)
+        self.covered = 0
+        end_offset = integer(raw, "endOffset", MAX_OFFSET)
+        if end_offset:
+            self.end_offsets[self.file] = end_offset
+        self.chunk(raw)
 
     def chunk(self, raw: dict[str, Any]) -> None:
-        file = self.file
-        if file is None or file.covered >= file.entry.size:
+        if self.file < 0:
             raise self.error("a chunk that follows no regular file still missing data")
-        name = self.text(raw, "name", path=True)
-        if name and name != file.raw_name:
-            raise self.error(f"chunk of {name!r} follows the entry for {file.raw_name!r}")
-        chunk_type = raw.get("chunkType", "")
-        if chunk_type not in _CHUNK_TYPES:
+        name = raw.get("name")
+        if name and name != self.file_name:
+            raise self.error(f"chunk of {name!r} follows the entry for {self.file_name!r}")
+        chunk_type = raw.get("chunkType")
+        if chunk_type and chunk_type not in _CHUNK_TYPES:
             raise self.error(f"unknown chunkType {chunk_type!r}")
-        file_offset = self.integer(raw, "chunkOffset", MAX_SIZE)
-        if file_offset != file.covered:
+        integer = self.integer
+        file_offset = integer(raw, "chunkOffset", MAX_SIZE)
+        if file_offset != self.covered:
             raise self.error(
-                f"chunk of {file.raw_name!r} at {file_offset}, where the chunks before it "
-                f"end at {file.covered}"
+                f"chunk of {self.file_name!r} at {file_offset}, where the chunks before it "
+                f"end at {self.covered}"
             )
-        size = self.integer(raw, "chunkSize", MAX_SIZE) or file.entry.size - file_offset
-        if file_offset + size > file.entry.size:
+        size = integer(raw, "chunkSize", MAX_SIZE) or self.file_size - file_offset
+        if file_offset + size > self.file_size:
             raise self.error(
-                f"chunk of {file.raw_name!r} ends at {file_offset + size}, past the file's "
-                f"{file.entry.size} bytes"
+                f"chunk of {self.file_name!r} ends at {file_offset + size}, past the file's "
+                f"{self.file_size} bytes"
             )
-        offset = self.integer(raw, "offset", MAX_OFFSET)
-        inner = self.integer(raw, "innerOffset", MAX_OFFSET)
-        chunk = _PendingChunk(file_offset, size, offset, inner, self.digest(raw, "chunkDigest"))
-        file.chunks.append(chunk)
-        file.covered += size
-        self.chunks.append((file, chunk))
+        self.owner.append(self.file)
+        self.file_offsets.append(file_offset)
+        self.sizes.append(size)
+        self.offsets.append(integer(raw, "offset", MAX_OFFSET))
+        self.inners.append(integer(raw, "innerOffset", MAX_OFFSET))
+        self.digests.append(self.digest(raw, "chunkDigest"))
+        self.covered += size
+        if self.covered == self.file_size:
+            self.finish_file()
 
     def finish_file(self) -> None:
-        file, self.file = self.file, None
-        if file is None:
+        """The file's chunks are all there: check they cover it; give them digests."""
+        if self.file < 0:
             return
-        if file.covered != file.entry.size:
+        if self.covered != self.file_size:
             raise TocError(
-                f"{self.where}: TOC: the chunks of {file.raw_name!r} cover {file.covered} of "
-                f"its {file.entry.size} bytes"
+                f"{self.where}: TOC: the chunks of {self.file_name!r} cover {self.covered} of "
+                f"its {self.file_size} bytes"
             )
-        if len(file.chunks) == 1 and file.chunks[0].digest is None:
-            file.chunks[0].digest = file.digest  # one chunk: the file's digest is its digest
-        if self.undigested is None and any(chunk.digest is None for chunk in file.chunks):
+        first, digests = self.file_first_chunk, self.digests
+        if len(digests) - first == 1 and digests[first] is None:
+            # One chunk: the file's digest is its digest.
+            digests[first] = self.digest({"digest": self.file_digest}, "digest")
+        if self.undigested is None and None in digests[first:]:
             # Original stargz wrote no digests: nothing to verify chunks by,
             # which is no inconsistency, but no way to serve them safely.
-            self.undigested = file.raw_name
+            self.undigested = self.file_name
+        self.file = -1
 
     # -- extents ---------------------------------------------------------
 
@@ -354,48 +384,70 @@ class _Parser:
         ``innerOffset``) must follow each other inside it. containers/storage
         gives each file's ``endOffset``, which then bounds its last chunk.
         """
-        chunks = self.chunks
-        next_start = self.payload_end
-        for position in range(len(chunks) - 1, -1, -1):
-            file, chunk = chunks[position]
-            if chunk.offset >= self.payload_end:
-                raise TocError(
-                    f"{self.where}: TOC: chunk at {chunk.file_offset} of {file.raw_name!r} "
-                    f"starts at blob offset {chunk.offset}, past the data's end at "
-                    f"{self.payload_end}"
-                )
-            if position + 1 < len(chunks):
-                following = chunks[position + 1][1]
-                if following.offset < chunk.offset or (
-                    following.offset == chunk.offset
-                    and following.inner_offset < chunk.inner_offset + chunk.size
+        offsets, inners, sizes, owner = self.offsets, self.inners, self.sizes, self.owner
+        count = len(offsets)
+        lengths = [0] * count
+        payload_end = self.payload_end
+        next_start = payload_end
+        for position in range(count - 1, -1, -1):
+            offset = offsets[position]
+            if offset >= payload_end:
+                raise self.chunk_error(position, f"past the data's end at {payload_end}")
+            if position + 1 < count:
+                following = offsets[position + 1]
+                if following < offset or (
+                    following == offset
+                    and inners[position + 1] < inners[position] + sizes[position]
                 ):
-                    raise TocError(
-                        f"{self.where}: TOC: chunk at {chunk.file_offset} of "
-                        f"{file.raw_name!r} (blob offset {chunk.offset}, inner offset "
-                        f"{chunk.inner_offset}) overlaps or comes after the next one"
-                    )
-                if following.offset > chunk.offset:
-                    next_start = following.offset
+                    raise self.chunk_error(position, "overlaps or comes after the next one")
+                if following > offset:
+                    next_start = following
             end = next_start
-            if file.end_offset and chunk is file.chunks[-1]:
-                if not chunk.offset < file.end_offset <= next_start:
+            file = owner[position]
+            end_offset = self.end_offsets.get(file)
+            if end_offset and (position + 1 == count or owner[position + 1] != file):
+                if not offset < end_offset <= next_start:
+                    name = self.entries[file].path
                     raise TocError(
-                        f"{self.where}: TOC: {file.raw_name!r} ends at blob offset "
-                        f"{file.end_offset}, outside {chunk.offset}..{next_start}"
+                        f"{self.where}: TOC: {name!r} ends at blob offset {end_offset}, "
+                        f"outside {offset}..{next_start}"
                     )
-                end = file.end_offset
-            chunk.length = end - chunk.offset
-            if chunk.size > MAX_CHUNK_SIZE:
+                end = end_offset
+            lengths[position] = end - offset
+            if sizes[position] > MAX_CHUNK_SIZE:
                 return NotServable(
-                    f"a chunk of {file.raw_name!r} is {chunk.size} bytes, over {MAX_CHUNK_SIZE}"
+                    f"a chunk of {self.entries[file].path!r} is {sizes[position]} bytes, over "
+                    f"{MAX_CHUNK_SIZE}"
                 )
-            if chunk.inner_offset > MAX_INNER_OFFSET:
+            if inners[position] > MAX_INNER_OFFSET:
                 return NotServable(
-                    f"a chunk of {file.raw_name!r} starts {chunk.inner_offset} bytes into its "
-                    f"member, over {MAX_INNER_OFFSET}"
+                    f"a chunk of {self.entries[file].path!r} starts {inners[position]} bytes "
+                    f"into its member, over {MAX_INNER_OFFSET}"
                 )
+        self.lengths = lengths
         return None
+
+    def chunk_error(self, position: int, problem: str) -> TocError:
+        name = self.entries[self.owner[position]].path
+        return TocError(
+            f"{self.where}: TOC: chunk at {self.file_offsets[position]} of {name!r} (blob "
+            f"offset {self.offsets[position]}, inner offset {self.inners[position]}) {problem}"
+        )
+
+    def result(self) -> tuple[TocEntry, ...]:
+        chunks_of: dict[int, list[Chunk]] = {}
+        for position, file in enumerate(self.owner):
+            digest = self.digests[position]
+            assert digest is not None  # undigested TOCs are not served
+            chunk = Chunk(
+                self.file_offsets[position], self.sizes[position], self.offsets[position],
+                self.lengths[position], self.inners[position], Digest(digest),
+            )  # fmt: skip
+            chunks_of.setdefault(file, []).append(chunk)
+        return tuple(
+            TocEntry(entry, tuple(chunks_of.get(index, ())))
+            for index, entry in enumerate(self.entries)
+        )
 
 
 def parse_entries(
@@ -428,25 +480,12 @@ def parse_entries(
     for index, raw in enumerate(raw_entries):
         parser.index = index
         parser.entry(raw)
-    parser.finish_file()
+    if parser.file >= 0:
+        parser.index = len(raw_entries)
+        parser.finish_file()
     if parser.undigested is not None:
         return NotServable(f"its TOC gives no digest for a chunk of {parser.undigested!r}")
     unservable = parser.place_chunks()
     if unservable is not None:
         return unservable
-    entries: list[TocEntry] = []
-    data_size = 0
-    for entry, file in parser.results:
-        if file is None:
-            entries.append(TocEntry(entry))
-            continue
-        chunks = tuple(
-            Chunk(c.file_offset, c.size, c.offset, c.length, c.inner_offset, c.digest)
-            for c in file.chunks
-            if c.digest is not None  # all of them (undigested TOCs are not served)
-        )
-        entries.append(TocEntry(replace(entry, data_offset=TOC_DATA_BASE + data_size), chunks))
-        data_size += entry.size
-        if data_size > MAX_DATA_SIZE:
-            raise TocError(f"{where}: TOC: its files add up to more than {MAX_DATA_SIZE} bytes")
-    return tuple(entries), data_size
+    return parser.result(), parser.data_size

@@ -41,7 +41,6 @@ import bisect
 import itertools
 import logging
 import threading
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -51,14 +50,15 @@ from imagefs.errors import ImageFSError, LayerError
 from imagefs.image import Layer
 from imagefs.layers import index as layer_index
 from imagefs.layers.entry import TarEntry
-from imagefs.layers.plumbing import DigestCheck, InUse, digest_check
+from imagefs.layers.plumbing import DigestCheck, InUse, cache_path, digest_check
 from imagefs.layers.toc.blob import LayerBlob, find_toc
 from imagefs.layers.toc.bookkeeping import mark_bookkeeping
 from imagefs.layers.toc.chunks import decode_chunk_from
 from imagefs.layers.toc.limits import NotServable
 from imagefs.layers.toc.locate import TocLocation
-from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocFormat
+from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, TocFormat
 from imagefs.layers.toc.read import read_toc
+from imagefs.layers.toc.table import TABLE_SCHEMA, ChunkTable
 
 __all__ = [
     "CHUNK_CACHE_BYTES",
@@ -104,16 +104,24 @@ def _located(blob: LayerBlob, compression: str) -> TocLocation | None:
 # -- indexing ---------------------------------------------------------------------------
 
 
-def _index_kind(location: TocLocation) -> str:
-    """The TOC index's name for this location and these annotated digests.
+def _toc_key(location: TocLocation) -> str:
+    """What names a TOC's derived files: its location and the digests it was checked by.
 
-    The index holds entries of a TOC checked against the digests the layer's
-    annotations gave; a layer with other annotations (the same blob under
-    another manifest) must check its TOC again, not reuse them.
+    The TOC index and chunk table hold what a TOC checked against the digests
+    the layer's annotations gave; a layer with other annotations (the same
+    blob under another manifest) must check its TOC again, not reuse them.
     """
     key = f"{location.format.value} {location.offset} {location.length} "
     key += f"{location.json_digest} {location.compressed_digest}"
-    return f"{layer_index.TOC_INDEX}-{Digest.of(key.encode()).encoded[:16]}"
+    return Digest.of(key.encode()).encoded[:16]
+
+
+def _index_kind(location: TocLocation) -> str:
+    return f"{layer_index.TOC_INDEX}-{_toc_key(location)}"
+
+
+def _table_path(cache_dir: str, layer: Layer, location: TocLocation) -> str:
+    return cache_path(cache_dir, layer, f"tocchunks-{_toc_key(location)}-t{TABLE_SCHEMA}")
 
 
 def scan_toc_layer(
@@ -180,6 +188,10 @@ def scan_toc_layer(
     )  # fmt: skip
     if cache_dir is not None:
         layer_index.save(cache_dir, layer, entries, warnings, kind=kind)
+        # What the daemon's first read of this layer needs, so it need not parse again.
+        table = ChunkTable.from_toc(toc)
+        table.save(_table_path(cache_dir, layer, location), layer.descriptor.digest,
+                   _toc_key(location))  # fmt: skip
     return entries
 
 
@@ -229,46 +241,6 @@ def set_chunk_cache_bytes(max_bytes: int) -> None:
     _CHUNK_CACHE.max_bytes = max_bytes
 
 
-class _ChunkTable:
-    """Every chunk of a TOC in data-space order, as flat arrays (~80 bytes a chunk).
-
-    The daemon may keep this for its whole life, so no object per chunk:
-    ``Chunk`` records are rebuilt on demand. The chunks tile the data space:
-    chunk ``i`` holds bytes ``starts[i]`` to ``starts[i] + sizes[i]``.
-    """
-
-    def __init__(self, toc: Toc) -> None:
-        self.format = toc.format
-        self.data_size = toc.data_size
-        self.starts = array("Q")
-        self.sizes = array("Q")
-        self.offsets = array("Q")
-        self.lengths = array("Q")
-        self.inner = array("Q")
-        self.file_offsets = array("Q")
-        self.entry_index = array("I")
-        digests = bytearray()
-        for position, item in enumerate(toc.entries):
-            base = item.entry.data_offset - TOC_DATA_BASE
-            for chunk in item.chunks:
-                self.starts.append(base + chunk.file_offset)
-                self.sizes.append(chunk.size)
-                self.offsets.append(chunk.offset)
-                self.lengths.append(chunk.length)
-                self.inner.append(chunk.inner_offset)
-                self.file_offsets.append(chunk.file_offset)
-                self.entry_index.append(position)
-                digests += bytes.fromhex(chunk.digest.encoded)
-        self.digests = bytes(digests)
-
-    def chunk(self, index: int) -> Chunk:
-        digest = Digest("sha256:" + self.digests[index * 32 : index * 32 + 32].hex())
-        return Chunk(
-            self.file_offsets[index], self.sizes[index], self.offsets[index],
-            self.lengths[index], self.inner[index], digest,
-        )  # fmt: skip
-
-
 class TocLayerData:
     """Random access to a TOC layer (thread-safe; a LayerData).
 
@@ -282,17 +254,22 @@ class TocLayerData:
     """
 
     def __init__(
-        self, layer: Layer, location: TocLocation, open_stream: Callable[[], RandomAccess]
+        self,
+        layer: Layer,
+        location: TocLocation,
+        open_stream: Callable[[], RandomAccess],
+        cache_dir: str | None = None,
     ) -> None:
         self._layer = layer
         self._location = location
+        self._cache_dir = cache_dir
         self._open_stream = open_stream
         self._blob = LayerBlob(layer)
         self._where = f"layer {layer.descriptor.digest}"
         self._lock = threading.Lock()
         self._in_use = InUse()
         self._owner = next(_OWNER_IDS)
-        self._table: _ChunkTable | None = None
+        self._table: ChunkTable | None = None
         self._table_error: ImageFSError | None = None
         self._stream: RandomAccess | None = None
         self._names: dict[int, str] = {}  # of files whose chunks failed
@@ -307,23 +284,32 @@ class TocLayerData:
 
     # -- the TOC's data space ------------------------------------------------------------
 
-    def _chunk_table(self) -> _ChunkTable:
+    def _chunk_table(self) -> ChunkTable:
         with self._lock:
             if self._table is not None:
                 return self._table
             if self._table_error is not None:
                 raise type(self._table_error)(str(self._table_error))
+            layer, location = self._layer, self._location
+            path = key = None
+            if self._cache_dir is not None:
+                path, key = _table_path(self._cache_dir, layer, location), _toc_key(location)
+                self._table = ChunkTable.load(path, layer.descriptor.digest, key)
+                if self._table is not None:
+                    return self._table
             try:
-                toc = read_toc(self._blob, self._location, where=self._where, warn=log.debug)
+                toc = read_toc(self._blob, location, where=self._where, warn=log.debug)
                 if isinstance(toc, NotServable):
                     raise LayerError(f"{self._where}: its TOC cannot be served: {toc.reason}")
-                self._table = _ChunkTable(toc)
+                self._table = ChunkTable.from_toc(toc)
+                if path is not None and key is not None:
+                    self._table.save(path, layer.descriptor.digest, key)
             except ImageFSError as exc:
                 self._table_error = exc
                 raise
             return self._table
 
-    def _file_name(self, table: _ChunkTable, index: int) -> str:
+    def _file_name(self, table: ChunkTable, index: int) -> str:
         """The name of the file chunk ``index`` belongs to, for messages.
 
         The chunk table keeps no names (the daemon keeps it for good): an
@@ -354,7 +340,7 @@ class TocLayerData:
             yield piece
             want = min(end - start, _READ_PIECE)
 
-    def _decoded(self, table: _ChunkTable, index: int) -> bytes:
+    def _decoded(self, table: ChunkTable, index: int) -> bytes:
         key = (self._owner, index)
         data = _CHUNK_CACHE.get(key)
         if data is not None:
@@ -418,13 +404,17 @@ class TocLayerData:
 
 
 def open_toc_layer_data(
-    layer: Layer, compression: str, open_stream: Callable[[], RandomAccess]
+    layer: Layer,
+    compression: str,
+    cache_dir: str | None,
+    open_stream: Callable[[], RandomAccess],
 ) -> TocLayerData | None:
     """A reader for ``layer`` if it has a TOC (two small reads); None otherwise.
 
     ``open_stream`` opens the layer's ordinary reader, used only for offsets
     in the tar stream (a layer indexed the ordinary way). A layer still
     downloading is never read through its TOC, as it is never indexed so.
+    ``cache_dir``: where the scan left the layer's chunk table.
     """
     if layer.blob.feed is not None or compression not in _COMPRESSION.values():
         return None
@@ -432,4 +422,4 @@ def open_toc_layer_data(
         location = _located(blob, compression)
     if location is None:
         return None
-    return TocLayerData(layer, location, open_stream)
+    return TocLayerData(layer, location, open_stream, cache_dir)
