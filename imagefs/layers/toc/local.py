@@ -182,8 +182,8 @@ def scan_toc_layer(
     entries = mark_bookkeeping(layer, (item.entry for item in toc.entries))
     chunks = sum(len(item.chunks) for item in toc.entries)
     log.debug(
-        "layer %s: %d entries, %d chunks from its %s TOC (%d TOC bytes read, blob hashed, "
-        "nothing decompressed)",
+        "layer %s: %d entries, %d chunks from its %s TOC (%d TOC bytes read, the blob "
+        "hashed, no file data decompressed)",
         _short(layer), len(entries), chunks, toc.format.value, location.length,
     )  # fmt: skip
     if cache_dir is not None:
