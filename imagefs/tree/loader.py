@@ -31,6 +31,7 @@ from imagefs.layers.reader import (
     open_layer_stream,
     random_access_cached,
 )
+from imagefs.layers.toc.blob import toc_format
 from imagefs.layers.toc.bookkeeping import mark_bookkeeping, tolerates_missing_end
 from imagefs.layers.toc.local import scan_toc_layer
 from imagefs.progress import Progress
@@ -227,9 +228,16 @@ def scan_layers(
 
 
 def _decodes_locally(layer: Layer) -> bool:
-    """A compressed layer whose blob is all here: its pass is CPU-bound."""
+    """A compressed layer whose blob is all here: its pass is CPU-bound.
+
+    Not a TOC layer: it is indexed from its TOC, with one hash, no decoder.
+    """
     try:
-        return layer.blob.feed is None and detect_compression(layer) is not Compression.NONE
+        return (
+            layer.blob.feed is None
+            and detect_compression(layer) is not Compression.NONE
+            and toc_format(layer) is None
+        )
     except ImageFSError:
         return False  # scan_layer reports it, naming the layer
 
