@@ -287,20 +287,28 @@ class FormatVersion:
 # What the tar scanner reports for the same tar bytes (imagefs.layers.tarscan).
 # 2: symlinks report mode 0777, as lstat(2) does, not the header's.
 SCANNER = FormatVersion("scan", 2)
+# What an eStargz / zstd:chunked TOC is read as (imagefs.layers.toc.jsontoc).
+TOC_PARSER = FormatVersion("tocparse", 1)
 # The OCI overlay rules: which nodes a set of layers makes (imagefs.tree.overlay).
 # 2: one secure-join resolver (imagefs.tree.resolve); past 40 symlink hops the
 # first link of the path is replaced, not the last one reached.
-MERGE = FormatVersion("merge", 2)
+# 3: eStargz bookkeeping entries (stargz.index.json, landmarks) left out.
+MERGE = FormatVersion("merge", 3)
 # A layer's cached entries (imagefs.layers.index): the scanner's output, encoded.
-TAR_INDEX = FormatVersion("tarindex", 1, (SCANNER,))
+# 2: the bookkeeping flag of each entry.
+TAR_INDEX = FormatVersion("tarindex", 2, (SCANNER,))
+# The same, for a layer indexed from its TOC (data offsets in the TOC's space).
+TOC_INDEX = FormatVersion("tocindex", 1, (TOC_PARSER,))
+# A TOC layer's chunk table (imagefs.layers.toc.table).
+TOC_CHUNKS = FormatVersion("tocchunks", 1, (TOC_PARSER,))
 # gzip checkpoints exported from rapidgzip (imagefs.layers.gzip).
 GZIP_INDEX = FormatVersion("gzidx", 1)
 # A zstd layer's seek table and re-encoded frames (imagefs.layers.zstd).
 ZSTD_SEEK = FormatVersion("zseek", 1)
 # The merged tree of an image (imagefs.tree.packed), made from its layers'
-# entries by the merge rules.
-TREE = FormatVersion("tree", 1, (TAR_INDEX, MERGE))
+# entries (a tar scan or a TOC) by the merge rules.
+TREE = FormatVersion("tree", 1, (TAR_INDEX, TOC_INDEX, MERGE))
 
 # Every kind of cache file, for ``cache prune``: a file whose tag is not one
 # of these was written by other code and is never read.
-FORMATS = (TAR_INDEX, GZIP_INDEX, ZSTD_SEEK, TREE)
+FORMATS = (TAR_INDEX, TOC_INDEX, TOC_CHUNKS, GZIP_INDEX, ZSTD_SEEK, TREE)

@@ -27,7 +27,8 @@ non-zero without a traceback::
     ├── LayerError                a layer's content is unusable
     │   ├── CompressionError      corrupt/truncated gzip or zstd stream
     │   ├── TarFormatError        corrupt/truncated tar stream
-    │   └── TarSplitError         corrupt/malformed tar-split record of a store layer
+    │   ├── TarSplitError         corrupt/malformed tar-split record of a store layer
+    │   └── TocError              eStargz / zstd:chunked TOC malformed or inconsistent
     └── MountError                the mount itself failed (mount point, FUSE)
 """
 
@@ -132,6 +133,13 @@ class TarFormatError(LayerError):
 
 class TarSplitError(LayerError):
     """A store layer's tar-split record is corrupt, truncated or malformed."""
+
+
+class TocError(LayerError):
+    """A layer's eStargz or zstd:chunked table of contents (or its footer) is malformed,
+    too big, or inconsistent (chunks outside the blob or overlapping, sizes not adding
+    up, names leaving the root). A TOC whose digest does not match raises
+    DigestMismatchError instead."""
 
 
 class MountError(ImageFSError):

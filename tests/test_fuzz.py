@@ -7,6 +7,10 @@
   TarFormatError, nothing else.
 * The manifest, index and config parsers, fed arbitrary JSON, return or
   raise an ImageFSError, nothing else.
+* The TOC readers (footers, annotations, TOC JSON, chunks), fed mutated
+  eStargz and zstd:chunked blobs and arbitrary TOC JSON, return a TOC that
+  keeps its invariants (chunks tile each file, lie in the blob's payload in
+  order, names stay inside the root) or raise an ImageFSError, nothing else.
 
 Budgets: ``make test`` runs a few hundred examples per target (seconds);
 ``make fuzz`` sets ``IMAGEFS_FUZZ_EXAMPLES`` for long runs. Examples are
@@ -27,13 +31,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imagefs.errors import ImageFSError, TarFormatError
+from imagefs.digest import Digest
+from imagefs.errors import ImageFSError, TarFormatError, TocError
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.layers.tarscan import scan_tar
+from imagefs.layers.toc import (
+    TOC_DATA_BASE,
+    NotServable,
+    Toc,
+    TocFormat,
+    decode_chunk,
+    locate,
+    read_toc,
+)
+from imagefs.layers.toc.jsontoc import parse_entries
+from imagefs.layers.toc.locate import TAIL_SIZE
 from imagefs.sources.manifest import parse_config, parse_manifest_or_index
 from imagefs.tree.merged import freeze
 from imagefs.tree.overlay import Node, _clean_slow, clean_path, merge_layers
-from tests import builder
+from tests import builder, toccraft
 from tests.needs import require_root, require_tools
 from tests.oracle import snapshot, umoci_unpack
 
@@ -409,3 +425,168 @@ def test_manifest_parsers_on_random_bytes(data: bytes) -> None:
             parse()
         except ImageFSError:
             pass
+
+
+# ------------------------------------------------------------------ TOCs
+
+TOC_ITEMS = [
+    toccraft.Item("d/", kind="dir", mode=0o755),
+    toccraft.Item("d/a", data=b"hello " * 300),
+    toccraft.Item("d/big", data=bytes(range(256)) * 300),
+    toccraft.Item("d/link", kind="hardlink", link="d/a"),
+    toccraft.Item("d/s", kind="symlink", link="a"),
+]
+TOC_BLOBS = (
+    toccraft.estargz(TOC_ITEMS, chunk_size=20_000),
+    toccraft.estargz(TOC_ITEMS, legacy=True),
+    toccraft.zstd_chunked(TOC_ITEMS, chunk_size=20_000),
+)
+PAYLOAD_END = 100_000
+
+
+def _check_toc(toc: Toc | NotServable, payload_end: int) -> None:
+    """What every TOC that parses guarantees (imagefs.layers.toc.jsontoc)."""
+    if isinstance(toc, NotServable):
+        return
+    space = TOC_DATA_BASE
+    last = (-1, -1)
+    for item in toc.entries:
+        entry = item.entry
+        assert _toc_clean(entry.path) and (entry.type is not EntryType.HARDLINK or
+                                           _toc_clean(entry.linkname))  # fmt: skip
+        if entry.type is not EntryType.FILE:
+            assert entry.size == 0 and not item.chunks
+            continue
+        assert entry.data_offset == space
+        space += entry.size
+        covered = 0
+        for chunk in item.chunks:
+            assert chunk.file_offset == covered and chunk.size > 0
+            covered += chunk.size
+            if entry.path != "stargz.index.json":
+                assert chunk.offset >= 0 and chunk.offset + chunk.length <= payload_end
+                assert (chunk.offset, chunk.inner_offset) > last
+                last = (chunk.offset, chunk.inner_offset)
+        assert covered == entry.size
+    assert space - TOC_DATA_BASE == toc.data_size
+
+
+def _toc_clean(name: str) -> bool:
+    return clean_path(name) is not None or "\0" in name or len(name) > 255
+
+
+@FUZZ
+@given(
+    st.sampled_from(range(len(TOC_BLOBS))),
+    st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=8),
+    st.integers(0, 80),
+    st.booleans(),
+)
+def test_toc_readers_on_mutated_blobs(
+    which: int, changes: list[tuple[int, int]], cut: int, annotated: bool
+) -> None:
+    crafted = TOC_BLOBS[which]
+    blob = bytearray(crafted.blob)
+    for offset, value in changes:
+        # Most changes in the last few hundred bytes: footers and the TOC.
+        blob[len(blob) - 1 - offset % len(blob) if offset % 2 else offset % len(blob)] = value
+    data = bytes(blob[: len(blob) - cut] if cut > 60 else blob)
+    annotations = crafted.annotations if annotated else {}
+    try:
+        location = locate(len(data), annotations, data[-TAIL_SIZE:], "fuzz")
+        if location is None:
+            return
+        toc = read_toc(toccraft.BytesBlob(data), location, where="fuzz", warn=lambda _: None)
+    except ImageFSError as exc:
+        assert "\n" not in str(exc)
+        return
+    _check_toc(toc, location.payload_end)
+    if isinstance(toc, Toc):
+        for item in toc.entries:
+            for chunk in item.chunks:
+                compressed = data[chunk.offset : chunk.offset + chunk.length]
+                try:
+                    decode_chunk(toc.format, chunk, compressed, where="fuzz")
+                except ImageFSError:
+                    pass
+
+
+toc_ints = st.integers(0, 1 << 20) | st.integers(-3, 1 << 64) | json_values
+toc_names = st.sampled_from(("a", "d/a", "./b", "/c", "../x", "a/../..", "", "a\0b")) | st.text(
+    max_size=6
+)
+toc_entries = st.fixed_dictionaries(
+    {"type": st.sampled_from(("reg", "chunk", "dir", "hardlink", "symlink", "char")) | json_values},
+    optional={
+        "name": toc_names | json_values,
+        "size": toc_ints,
+        "offset": toc_ints,
+        "endOffset": toc_ints,
+        "innerOffset": toc_ints,
+        "chunkOffset": toc_ints,
+        "chunkSize": toc_ints,
+        "chunkDigest": st.just("sha256:" + "b" * 64) | json_values,
+        "digest": st.just("sha256:" + "c" * 64) | json_values,
+        "chunkType": st.sampled_from(("", "zeros", "x")),
+        "linkName": toc_names | json_values,
+        "mode": toc_ints,
+        "uid": toc_ints,
+        "modtime": st.sampled_from(("2020-01-01T00:00:00Z", "0000-01-01T00:00:00.1+23:59"))
+        | json_values,
+        "xattrs": st.dictionaries(st.text(max_size=4), st.sampled_from(("", "AA==", "*"))),
+        "devMajor": toc_ints,
+    },
+)
+
+
+@FUZZ
+@given(
+    st.fixed_dictionaries(
+        {"version": st.just(1) | json_values, "entries": st.lists(toc_entries, max_size=12)}
+    )
+    | json_values
+)
+def test_toc_json_parser_raises_only_toc_errors(document: object) -> None:
+    data = json.dumps(document).encode()
+    try:
+        parsed = parse_entries(data, payload_end=PAYLOAD_END, where="fuzz", warn=lambda _: None)
+    except TocError as exc:
+        assert "\n" not in str(exc)
+        return
+    if isinstance(parsed, NotServable):
+        return
+    entries, data_size = parsed
+    _check_toc(
+        Toc(TocFormat.ESTARGZ, Digest.of(data), entries, PAYLOAD_END, data_size), PAYLOAD_END
+    )
+
+
+@FUZZ
+@given(
+    st.binary(max_size=TAIL_SIZE),
+    st.integers(0, 1 << 40),
+    st.dictionaries(
+        st.sampled_from(
+            (
+                "containerd.io/snapshot/stargz/toc.digest",
+                "io.github.containers.zstd-chunked.manifest-position",
+                "io.containers.zstd-chunked.manifest-position",
+                "io.containers.zstd-chunked.manifest-checksum",
+            )
+        ),
+        st.sampled_from(("sha256:" + "d" * 64, "1:2:3:1", "8:8:8:1", "x")) | st.text(max_size=20),
+        max_size=3,
+    ),
+)
+def test_footer_and_annotation_parsers_raise_only_imagefs_errors(
+    tail: bytes, size: int, annotations: dict[str, str]
+) -> None:
+    for blob_size in (len(tail), size):
+        try:
+            location = locate(blob_size, annotations, tail, "fuzz")
+        except ImageFSError as exc:
+            assert "\n" not in str(exc)
+            continue
+        if location is not None:
+            assert 0 <= location.payload_end <= location.offset
+            assert location.offset + location.length <= blob_size

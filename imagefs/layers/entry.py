@@ -29,7 +29,15 @@ class TarEntry:
     layer stream. For sparse files ``sparse`` lists ``(offset_in_file, length)``
     data segments stored back to back from ``data_offset``; holes read as
     zeros and ``size`` is the file's full (logical) size. For non-sparse files
-    ``sparse`` is None and the data is ``size`` contiguous bytes.
+    ``sparse`` is None and the data is ``size`` contiguous bytes. For a layer
+    indexed from its table of contents (:mod:`imagefs.layers.toc`),
+    ``data_offset`` is in the TOC's data space instead (``TOC_DATA_BASE`` and
+    up, see :mod:`imagefs.layers.toc.model`); the layer's reader serves both.
+
+    ``bookkeeping`` marks an entry that the layer's format adds and that is
+    not image content: eStargz's ``stargz.index.json`` and prefetch
+    landmarks (:mod:`imagefs.layers.toc.bookkeeping`). The merged tree leaves
+    it out; the layer's own view (``--layers``' ``layers/N``) shows it.
     """
 
     path: str
@@ -47,3 +55,4 @@ class TarEntry:
     sparse: tuple[tuple[int, int], ...] | None = None
     uname: str = ""
     gname: str = ""
+    bookkeeping: bool = False

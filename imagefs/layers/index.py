@@ -36,7 +36,7 @@ from typing import Any
 
 import zstandard
 
-from imagefs.cachedir import TAR_INDEX, AtomicFile
+from imagefs.cachedir import TAR_INDEX, AtomicFile, FormatVersion
 from imagefs.image import Layer
 from imagefs.layers.entry import EntryType, TarEntry
 from imagefs.layers.plumbing import DigestCheck, cache_path, check_blob, digest_check
@@ -45,12 +45,13 @@ log = logging.getLogger(__name__)
 
 _MAGIC = b"IMGFS-LX"
 _HEADER_LENGTH = struct.Struct("<I")
-# type, mode, uid, gid, size, mtime_ns, devmajor, devminor, data_offset,
+# type (| _BOOKKEEPING), mode, uid, gid, size, mtime_ns, devmajor, devminor, data_offset,
 # xattr count, sparse segment count (-1: not sparse), then the lengths of
 # path, linkname, uname, gname; the strings, xattrs and segments follow.
 _RECORD = struct.Struct("<BIQQQqIIQHiIIHH")
 _XATTR = struct.Struct("<HI")
 _SEGMENT = struct.Struct("<QQ")
+_BOOKKEEPING = 0x80  # in the type byte: TarEntry.bookkeeping
 _ZSTD_LEVEL = 3  # paths compress ~5x; level 3 costs ~10 ms per 10k entries
 _ENCODING = ("utf-8", "surrogateescape")  # how the scanner decodes names (os.fsdecode)
 
@@ -59,8 +60,15 @@ class _UnrepresentableError(Exception):
     """An entry this format cannot hold (a 2**64 uid, a name with a lone surrogate)."""
 
 
-def index_path(cache_dir: str, layer: Layer) -> str:
-    return cache_path(cache_dir, layer, TAR_INDEX)
+def index_path(
+    cache_dir: str, layer: Layer, version: FormatVersion = TAR_INDEX, key: str = ""
+) -> str:
+    """Where ``layer``'s index of kind ``version`` (TAR_INDEX or TOC_INDEX) lives.
+
+    ``key``: what else it depends on (a TOC index: which TOC, checked against
+    which digests; see layers.toc.local).
+    """
+    return cache_path(cache_dir, layer, version, key)
 
 
 def blob_identity(layer: Layer) -> list[int | str]:
@@ -80,11 +88,19 @@ def blob_identity(layer: Layer) -> list[int | str]:
 
 
 def save(
-    cache_dir: str, layer: Layer, entries: Sequence[TarEntry], warnings: Sequence[str]
+    cache_dir: str,
+    layer: Layer,
+    entries: Sequence[TarEntry],
+    warnings: Sequence[str],
+    *,
+    version: FormatVersion = TAR_INDEX,
+    key: str = "",
 ) -> None:
     """Persist a layer's entries, scanned from a blob whose digest was verified.
 
     Best effort: a cache that cannot be written only costs a rescan later.
+    ``version``: TAR_INDEX or TOC_INDEX (imagefs.cachedir), whichever made
+    them; ``key``: see :func:`index_path`.
     """
     assembly = layer.blob.assembly
     if assembly is not None and not assembly.cacheable:  # tar-split hook (--allow-modified)
@@ -100,7 +116,7 @@ def save(
         identity = blob_identity(layer) if layer.blob.feed is None else None
         header = json.dumps(
             {
-                "version": TAR_INDEX.tag,
+                "version": version.tag,
                 "digest": layer.descriptor.digest,
                 # The diff_id the pass checked over the uncompressed stream,
                 # when it was asked to (Layer.verify_diff_id).
@@ -113,7 +129,7 @@ def save(
             }
         ).encode()
         body = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(records)
-        with AtomicFile(index_path(cache_dir, layer)) as out:
+        with AtomicFile(index_path(cache_dir, layer, version, key)) as out:
             out.file.write(_MAGIC + _HEADER_LENGTH.pack(len(header)) + header)
             out.file.write(body)
     except OSError as exc:
@@ -121,7 +137,12 @@ def save(
 
 
 def load(
-    cache_dir: str, layer: Layer, hasher: DigestCheck | None = None
+    cache_dir: str,
+    layer: Layer,
+    hasher: DigestCheck | None = None,
+    *,
+    version: FormatVersion = TAR_INDEX,
+    key: str = "",
 ) -> tuple[list[TarEntry], list[str]] | None:
     """The cached entries and scan warnings of ``layer``, or None to scan it.
 
@@ -131,7 +152,7 @@ def load(
     ``hasher``: a digest check of the blob already under way, used (or
     cancelled) here.
     """
-    path = index_path(cache_dir, layer)
+    path = index_path(cache_dir, layer, version, key)
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -141,7 +162,7 @@ def load(
         log.warning("layer %s: cannot read its cached index: %s", layer.descriptor.digest, exc)
         return None
     try:
-        header, records = _decode_file(data, layer)
+        header, records = _decode_file(data, layer, version)
         entries = _decode(records, header["entries"])
     except (ValueError, KeyError, IndexError, TypeError, struct.error, zstandard.ZstdError) as exc:
         log.warning("layer %s: cached index %s is corrupt (%s); rescanning",
@@ -177,7 +198,7 @@ def _verify_blob(layer: Layer, identity: object, hasher: DigestCheck | None) -> 
     (hasher or digest_check(layer)).verify()
 
 
-def _decode_file(data: bytes, layer: Layer) -> tuple[dict[str, Any], bytes]:
+def _decode_file(data: bytes, layer: Layer, version: FormatVersion) -> tuple[dict[str, Any], bytes]:
     if not data.startswith(_MAGIC):
         raise ValueError("bad magic")
     start = len(_MAGIC) + _HEADER_LENGTH.size
@@ -185,7 +206,7 @@ def _decode_file(data: bytes, layer: Layer) -> tuple[dict[str, Any], bytes]:
     header = json.loads(data[start : start + length])
     if not isinstance(header, dict):
         raise ValueError("header is not an object")
-    if header["version"] != TAR_INDEX.tag or header["digest"] != layer.descriptor.digest:
+    if header["version"] != version.tag or header["digest"] != layer.descriptor.digest:
         raise ValueError("index of another layer or version")
     records = zstandard.ZstdDecompressor().decompress(
         data[start + length :], max_output_size=header["records"]
@@ -212,8 +233,9 @@ def _encode(entries: Sequence[TarEntry]) -> bytes:
             path, linkname = _text(entry.path), _text(entry.linkname)
             uname, gname = _text(entry.uname), _text(entry.gname)
             sparse = entry.sparse
+            kind = entry.type | (_BOOKKEEPING if entry.bookkeeping else 0)
             record = _RECORD.pack(
-                entry.type, entry.mode, entry.uid, entry.gid, entry.size, entry.mtime_ns,
+                kind, entry.mode, entry.uid, entry.gid, entry.size, entry.mtime_ns,
                 entry.devmajor, entry.devminor, entry.data_offset, len(entry.xattrs),
                 -1 if sparse is None else len(sparse),
                 len(path), len(linkname), len(uname), len(gname),
@@ -270,8 +292,9 @@ def _decode(records: bytes, count: int) -> list[TarEntry]:
             sparse = tuple(_SEGMENT.unpack_from(records, at + i * _SEGMENT.size)
                            for i in range(nsparse))  # fmt: skip
             at += nsparse * _SEGMENT.size
-        entry = TarEntry(path, types[kind], mode, uid, gid, size, mtime_ns, linkname,
-                         devmajor, devminor, xattrs, data_offset, sparse, uname, gname)  # fmt: skip
+        entry = TarEntry(path, types[kind & ~_BOOKKEEPING], mode, uid, gid, size, mtime_ns,
+                         linkname, devmajor, devminor, xattrs, data_offset, sparse, uname, gname,
+                         bool(kind & _BOOKKEEPING))  # fmt: skip
         append(entry)
     if at != len(records):
         raise ValueError("trailing bytes after the last record")

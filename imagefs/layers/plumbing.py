@@ -289,14 +289,17 @@ class RangeFile:
         pass  # the descriptor belongs to whoever made this object
 
 
-def cache_path(cache_dir: str, layer: Layer, version: FormatVersion) -> str:
-    """Where ``layer``'s cache file of kind ``version`` lives: ``<alg>-<hex>.<version tag>``.
+def cache_path(cache_dir: str, layer: Layer, version: FormatVersion, key: str = "") -> str:
+    """Where ``layer``'s cache file of kind ``version`` lives: ``<alg>-<hex>[.<key>].<tag>``.
 
     Keyed by the layer's digest, so images sharing a layer share the file;
-    the tag makes files of other versions other names (imagefs.cachedir).
+    the tag (always the last dot-separated part) makes files of other
+    versions other names (imagefs.cachedir). ``key``: what else the file
+    depends on, if anything (hex; see layers.toc.local).
     """
     digest = layer.descriptor.digest
-    return os.path.join(cache_dir, f"{digest.algorithm}-{digest.encoded}.{version.tag}")
+    middle = f".{key}" if key else ""
+    return os.path.join(cache_dir, f"{digest.algorithm}-{digest.encoded}{middle}.{version.tag}")
 
 
 class InUse:

@@ -128,6 +128,7 @@ from imagefs.layers.plumbing import (
     pread_exact,
 )
 from imagefs.layers.rebuilt import RebuiltTar, rebuilt_of
+from imagefs.layers.toc.local import open_toc_layer_data, set_chunk_cache_bytes
 from imagefs.layers.zstd import SeekableBuilder, ZstdLayerData, ZstdStream, set_frame_cache_bytes
 
 __all__ = [
@@ -574,6 +575,7 @@ def set_decoded_cache_limit(max_bytes: int) -> None:
     """
     set_open_reader_limit(max(1, max_bytes // GZIP_READER_BYTES))
     set_frame_cache_bytes(max(0, max_bytes))
+    set_chunk_cache_bytes(max(0, max_bytes))  # TOC layers' chunks (imagefs.layers.toc)
 
 
 def random_access_cached(
@@ -619,11 +621,32 @@ def open_layer_data(
 
     The returned object holds only file descriptors until its first read
     (no threads), so it may be opened before the daemon forks.
+
+    A layer with an eStargz or zstd:chunked TOC gets a reader that serves
+    the TOC's data space by decoding chunks and hands tar stream offsets to
+    the reader described above, opened on first use
+    (:class:`imagefs.layers.toc.local.TocLayerData`).
     """
     compression = compression or detect_compression(layer)
     rebuilt = rebuilt_of(layer)  # tar-split hook: a store's layer, see layers.rebuilt
     if rebuilt is not None:
         return rebuilt.open_data(layer)
+    # --- TOC layers (issue #14 item 4): see imagefs.layers.toc.local ---
+    known = compression
+    toc_data = open_toc_layer_data(
+        layer,
+        known.value,
+        cache_dir if cache_dir is not None and _usable_cache_dir(cache_dir) else None,
+        lambda: _open_stream_data(layer, known, cache_dir),
+    )
+    if toc_data is not None:
+        return toc_data
+    # --- end TOC layers ---
+    return _open_stream_data(layer, compression, cache_dir)
+
+
+def _open_stream_data(layer: Layer, compression: Compression, cache_dir: str | None) -> LayerData:
+    """:func:`open_layer_data` at the offsets of the layer's (uncompressed) tar stream."""
     if compression is Compression.NONE:
         return _PlainLayerData(layer)
     if cache_dir is not None and not _usable_cache_dir(cache_dir):

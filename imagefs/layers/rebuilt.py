@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import hashlib
 import logging
 import os
 import struct
@@ -250,7 +249,7 @@ class RebuiltTar:
                 record = store.stat(self.tarsplit)
                 diff_fd = self.open_diff(store)
                 try:
-                    summary = hashlib.sha256()
+                    summary = Hasher("sha256")
                     for path, st in walk(diff_fd, self.where_diff):
                         summary.update(
                             f"{path}\0{st.st_mode} {st.st_ino} {st.st_size} {st.st_mtime_ns} "
@@ -262,7 +261,7 @@ class RebuiltTar:
                     os.close(diff_fd)
             self._identity = [
                 0, self.layout.size, record.st_dev, record.st_ino, record.st_size,
-                record.st_mtime_ns, record.st_ctime_ns, f"sha256:{summary.hexdigest()}",
+                record.st_mtime_ns, record.st_ctime_ns, str(summary.result()),
             ]  # fmt: skip
             if self.allow_modified:
                 # A tree built while changes were allowed is never reused by a

@@ -84,7 +84,7 @@ from imagefs.layers.entry import EntryType, TarEntry
 if TYPE_CHECKING:
     from imagefs.layers.reader import LayerStream
 
-__all__ = ["scan_tar"]
+__all__ = ["MISSING_END_MARKER", "new_entry", "scan_tar"]
 
 BLOCK = 512
 # Bound on any one extension payload (pax record set, GNU long name, sparse
@@ -93,6 +93,9 @@ BLOCK = 512
 MAX_EXTENSION = 1 << 20
 MAX_SIZE = (1 << 63) - 1  # st_size and file offsets are signed 64-bit
 MAX_ID = (1 << 32) - 1  # uid_t, gid_t, and Linux major/minor numbers are 32-bit
+# The warning for a stream that stops at a header boundary with no zero
+# block: zstd:chunked streams legitimately end so (tree.loader logs it at debug).
+MISSING_END_MARKER = "the stream ends without an end-of-archive marker"
 MIN_TIME_NS = -(1 << 63)
 MAX_TIME_NS = (1 << 63) - 1
 NS = 1_000_000_000
@@ -216,6 +219,7 @@ def _entry_factory() -> Callable[
         "sparse",
         "uname",
         "gname",
+        "bookkeeping",
     )
     if (
         params is None
@@ -228,7 +232,7 @@ def _entry_factory() -> Callable[
     (s_path, s_type, s_mode, s_uid, s_gid, s_size, s_mtime, s_link, s_major, s_minor) = (
         vars(TarEntry)[name].__set__ for name in expected[:10]
     )
-    (s_xattrs, s_offset, s_sparse, s_uname, s_gname) = (
+    (s_xattrs, s_offset, s_sparse, s_uname, s_gname, s_bookkeeping) = (
         vars(TarEntry)[name].__set__ for name in expected[10:]
     )
     new = object.__new__
@@ -266,12 +270,16 @@ def _entry_factory() -> Callable[
         s_sparse(entry, sparse)
         s_uname(entry, uname)
         s_gname(entry, gname)
+        s_bookkeeping(entry, False)
         return entry
 
     return new_entry
 
 
 _new_entry = _entry_factory()
+# The same, for other readers of tar metadata (imagefs.layers.toc): positional,
+# in TarEntry's field order, ``bookkeeping`` False.
+new_entry = _new_entry
 
 
 class _FieldError(Exception):
@@ -630,7 +638,7 @@ class _Scanner:
                         f"tar header at offset {header_at}: truncated "
                         f"({len(block)} of {BLOCK} bytes before the end of the stream)"
                     )
-                self.end(header_at, "the stream ends without an end-of-archive marker")
+                self.end(header_at, MISSING_END_MARKER)
                 return
             pos += BLOCK
             match = fast_match(block)

@@ -196,7 +196,8 @@ class BlobStore:
                 if m is None or not entry.is_file(follow_symlinks=False):
                     continue
                 owner = f"{m.group(1)}:{m.group(2)}"
-                if owner in keep and m.group(3) in current:
+                tag = m.group(3).rpartition(".")[2]  # after any key (plumbing.cache_path)
+                if owner in keep and tag in current:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     entry_size = entry.stat().st_size

@@ -3,8 +3,11 @@
 Nothing is extracted: a regular file is a byte range of its layer's
 uncompressed stream (``data_offset``, of a served
 :class:`~imagefs.tree.served.Inode` or a merge's ``Node``), read through the layer's
-:class:`~imagefs.layers.reader.LayerData`. Blocking: every read may decompress, so
-callers on an event loop run it in a worker thread.
+:class:`~imagefs.layers.reader.LayerData`; for a layer indexed from its
+eStargz or zstd:chunked TOC, a range of the TOC's data space instead (from
+``TOC_DATA_BASE`` up, :mod:`imagefs.layers.toc.model`), which the same
+LayerData serves. Blocking: every read may decompress, so callers on an
+event loop run it in a worker thread.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ from imagefs.layers.reader import (
     open_layer_stream,
     random_access_cached,
 )
+from imagefs.layers.toc.blob import toc_format
+from imagefs.layers.toc.bookkeeping import mark_bookkeeping, tolerates_missing_end
+from imagefs.layers.toc.local import scan_toc_layer
 from imagefs.progress import Progress
 from imagefs.tree.content import ContentReader
 from imagefs.tree.merged import freeze
@@ -82,7 +85,7 @@ def scan_layer(
     """
     # The scanner compiles its header patterns at import (~30 ms); a mount
     # served from the persisted tree never scans, so load it on first use.
-    from imagefs.layers.tarscan import scan_tar  # noqa: PLC0415
+    from imagefs.layers.tarscan import MISSING_END_MARKER, scan_tar  # noqa: PLC0415
 
     name = layer.descriptor.digest.short()
     task = progress.start(f"layer {index + 1}/{count} {name}")
@@ -91,6 +94,11 @@ def scan_layer(
     warnings: list[str] = []
 
     def warn_layer(message: str) -> None:
+        # zstd:chunked streams end without end-of-archive blocks by design
+        # (imagefs.layers.toc.bookkeeping): not worth a warning on every mount.
+        if message.endswith(MISSING_END_MARKER) and tolerates_missing_end(layer):
+            log.debug("layer %s: %s (as zstd:chunked streams do)", name, message)
+            return
         warnings.append(message)
         warn(f"layer {name}: {message}")
 
@@ -112,6 +120,18 @@ def scan_layer(
                         warn(f"layer {name}: {message}")
                     task.finish(len(entries), layer.blob.length)
                     return entries
+            # --- TOC layers (issue #14 item 4): entries from the TOC, nothing decompressed ---
+            toc_entries = scan_toc_layer(
+                layer,
+                detect_compression(layer).value,
+                cache_dir=cache,
+                hasher=hasher,
+                warn=warn_layer,
+            )
+            if toc_entries is not None:
+                task.finish(len(toc_entries), layer.blob.length)
+                return toc_entries
+            # --- end TOC layers ---
             log.debug("layer %s: scanning", name)
             # With a cache dir the same pass also leaves the gzip checkpoints or
             # the zstd seekable re-encoding there, so open_layer_data decodes nothing.
@@ -124,6 +144,7 @@ def scan_layer(
                             raise _ScanStoppedError
                 position = stream.tell()
             # Only now is the digest verified (the stream checked it on exit).
+            entries = mark_bookkeeping(layer, entries)  # eStargz's own files (issue #12)
             if cache is not None:
                 layer_index.save(cache, layer, entries, warnings)
     except _ScanStoppedError:
@@ -181,7 +202,12 @@ def scan_layers(
             if stop.is_set():
                 raise _ScanStoppedError
             layer, compression = image.layers[index], compressions[index]
-            local_decode = layer.blob.feed is None and compression not in (None, Compression.NONE)
+            # A TOC layer is indexed from its TOC, with one hash and no decoder.
+            local_decode = (
+                layer.blob.feed is None
+                and compression not in (None, Compression.NONE)
+                and toc_format(layer) is None
+            )
             try:
                 with decoding if local_decode else nullcontext():
                     return scan_layer(layer, index, count, warn=warn, progress=progress,

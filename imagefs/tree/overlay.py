@@ -18,7 +18,10 @@ Changesets", "Whiteouts", "Opaque Whiteout"):
 * Hardlinks name an entry already applied (earlier in the same layer, or a
   lower layer, as extracting the layers in order onto one directory does);
   all names share one inode and ``st_nlink`` counts the surviving names.
-* Whiteout files themselves are never part of the result.
+* Whiteout files themselves are never part of the result, nor are entries
+  a layer format adds for itself (``TarEntry.bookkeeping``: eStargz's
+  ``stargz.index.json`` and prefetch landmarks), as stargz-snapshotter
+  leaves them out of the layers it mounts.
 
 Parent directories are resolved the way container runtimes extract layers
 (containerd, umoci: a secure join inside the root): when a lower layer made
@@ -287,6 +290,8 @@ class _Merger:
         whiteouts: list[tuple[str, str]] = []
         opaque_dirs: list[str] = []
         for entry in entries:
+            if entry.bookkeeping:
+                continue  # a layer format's own entry, not image content (TarEntry.bookkeeping)
             path = clean_path(entry.path)
             if path is None:
                 self.warn(f"layer {layer}: refusing entry {entry.path!r}: path leaves the root")

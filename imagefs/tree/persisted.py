@@ -43,7 +43,10 @@ def tree_sources(image: Image) -> dict[str, Any]:
     (layers.index.blob_identity: range, device, inode, size, mtime, ctime)
     catches a file replaced or rewritten in place since the tree was built,
     whose digest was verified back then. The tree also keys on each blob's
-    path, which the layer index does not need.
+    path, which the layer index does not need. And on the layers'
+    annotations: an eStargz or zstd:chunked TOC is checked against the digest
+    they give (layers.toc), so a tree built under other annotations must not
+    let a mount skip that check.
     """
     blobs = [[layer.blob.path, *blob_identity(layer)] for layer in image.layers]
     return {
@@ -54,6 +57,7 @@ def tree_sources(image: Image) -> dict[str, Any]:
         # same blob must not be served this tree.
         "diff_ids": [layer.diff_id if layer.verify_diff_id else None for layer in image.layers],
         "blobs": blobs,
+        "annotations": [sorted(layer.descriptor.annotations) for layer in image.layers],
     }
 
 

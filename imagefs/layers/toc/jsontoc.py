@@ -1,0 +1,491 @@
+"""The TOC JSON of both formats, checked and turned into :class:`~.model.TocEntry` records.
+
+Two dialects share most fields (both descend from CRFS):
+
+* eStargz's ``JTOC`` (stargz-snapshotter ``estargz/types.go``; also the TOC of
+  ctr-remote's zstd:chunked): ``name``, ``type`` (``dir reg symlink hardlink
+  char block fifo chunk``), ``size``, ``modtime`` (RFC 3339, whole seconds:
+  the writer rounds to the nearest second), ``linkName``, ``mode``, ``uid``,
+  ``gid``, ``userName``/``groupName`` (written only when they change for
+  that uid/gid, so carried forward here as the eStargz reader does),
+  ``devMajor``/``devMinor``, ``xattrs`` (base64 values), ``digest`` (the
+  whole file), ``offset`` (where the gzip member / zstd frame holding the
+  chunk starts), ``innerOffset`` (where the chunk starts inside it),
+  ``chunkOffset``, ``chunkSize`` (0: to the end of the file), ``chunkDigest``.
+* containers/storage's ``FileMetadata`` (``pkg/chunked/internal``): the same
+  names, ``modtime`` to the nanosecond (with the writer's UTC offset), also
+  ``accesstime``/``changetime`` (ignored, as the tar scanner ignores pax
+  ``atime``), ``endOffset`` (where the file's last frame ends) and
+  ``chunkType`` (``""`` data or ``"zeros"``, a hole, still stored as
+  compressed zeros); no user or group names. A file split into several
+  chunks has the first chunk's fields on its ``reg`` entry; a file in one
+  chunk has none, and its ``digest`` is that chunk's.
+
+In both, a big regular file is a ``reg`` entry followed directly by one
+``chunk`` entry per further chunk. Everything is checked, since the TOC is
+untrusted: field types and ranges, chunks that follow each other and add up
+to the file's size, chunks inside the blob's payload and in blob order (so
+none overlaps another member), every chunk with a sha256 digest, names that
+stay inside the root, and hardlinks too. Inconsistencies are TocErrors; a
+TOC too big to serve chunk by chunk is :class:`~.limits.NotServable`.
+
+The entries are those the tar scanner reports for the same members (names
+verbatim, ``mode & 0o7777``, sizes 0 except for regular files), with the
+differences the formats make: eStargz mtimes are whole seconds, only
+``SCHILY.xattr.*`` attributes are listed, containers/storage records no
+user or group names, and a sparse file is a plain file with its holes as
+zeros. ``data_offset`` is in the TOC data space (:mod:`~.model`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from imagefs.digest import Digest, InvalidDigestError
+from imagefs.errors import TocError
+from imagefs.layers.entry import EntryType, TarEntry
+from imagefs.layers.toc.limits import (
+    MAX_CHUNK_SIZE,
+    MAX_INNER_OFFSET,
+    MAX_TOC_ENTRIES,
+    NotServable,
+)
+from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, TocEntry
+
+__all__ = ["parse_entries", "parse_rfc3339_ns"]
+
+# The tar scanner's bounds (imagefs.layers.tarscan), so a TOC cannot say what
+# a tar header could not.
+MAX_SIZE = (1 << 63) - 1
+MAX_ID = (1 << 32) - 1
+MIN_TIME_NS = -(1 << 63)
+MAX_TIME_NS = (1 << 63) - 1
+MAX_OFFSET = (1 << 63) - 1
+# The data space must stay below 2**63 above TOC_DATA_BASE (model docstring).
+MAX_DATA_SIZE = (1 << 62) - 1
+
+_TYPES = {
+    "dir": EntryType.DIRECTORY,
+    "reg": EntryType.FILE,
+    "symlink": EntryType.SYMLINK,
+    "hardlink": EntryType.HARDLINK,
+    "char": EntryType.CHAR_DEVICE,
+    "block": EntryType.BLOCK_DEVICE,
+    "fifo": EntryType.FIFO,
+}
+_CHUNK_TYPES = ("", "zeros")  # containers/storage minimal.ChunkTypeData, ChunkTypeZeros
+_ENCODING = ("utf-8", "surrogateescape")  # what the tar scanner produces (os.fsdecode)
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+_NS = 1_000_000_000
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def parse_rfc3339_ns(value: str) -> int | None:
+    """Nanoseconds since the epoch of an RFC 3339 time as Go writes it; None if malformed.
+
+    Written out rather than with ``datetime``, which stops at microseconds
+    and at year 1 (Go's zero time is ``0001-01-01T00:00:00Z``; a TOC may say
+    year 0000).
+    """
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+        return None
+    fraction = match.group(7) or ""
+    offset = 0
+    if match.group(9):
+        offset = int(match.group(10)) * 3600 + int(match.group(11)) * 60
+        offset = -offset if match.group(9) == "-" else offset
+    seconds = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second
+    return (seconds - offset) * _NS + int(fraction.ljust(9, "0") or "0")
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+class _Parser:
+    """One pass over the entries; chunks go to flat lists, checked as a whole at the end.
+
+    Written for speed (a TOC of 50k entries should parse in well under a
+    second): no object per chunk until the end, mtimes parsed once per
+    distinct string, names checked with the cheap test first.
+    """
+
+    def __init__(self, payload_end: int, where: str, warn: Callable[[str], None]) -> None:
+        # Imported here, as tree.loader does: a mount served from its
+        # persisted tree never needs the tar scanner.
+        from imagefs.layers.tarscan import new_entry  # noqa: PLC0415
+
+        self.new_entry = new_entry
+        self.payload_end = payload_end
+        self.where = where
+        self.warn = warn
+        self.entries: list[TarEntry] = []
+        self.data_size = 0
+        # Chunks, in TOC order: owner (index in entries), file offset, size,
+        # blob offset, inner offset, digest (None: the file's, if it has one).
+        self.owner: list[int] = []
+        self.file_offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.offsets: list[int] = []
+        self.inners: list[int] = []
+        self.digests: list[str | None] = []
+        self.lengths: list[int] = []
+        # Per regular file with data: its end offset (containers/storage), by entry index.
+        self.end_offsets: dict[int, int] = {}
+        # The regular file whose chunk entries may follow.
+        self.file = -1
+        self.file_name = ""
+        self.file_size = 0
+        self.file_digest: object = None
+        self.file_first_chunk = 0
+        self.covered = 0
+        self.undigested: str | None = None  # a file with a chunk that has no digest
+        self.unames: dict[int, str] = {}
+        self.gnames: dict[int, str] = {}
+        self.mtimes: dict[str, int] = {}
+        self.index = 0
+
+    def error(self, message: str) -> TocError:
+        return TocError(f"{self.where}: TOC entry {self.index}: {message}")
+
+    # -- fields ----------------------------------------------------------
+
+    def integer(self, raw: dict[str, Any], key: str, high: int) -> int:
+        value = raw.get(key)
+        if value is None:
+            return 0
+        if type(value) is not int or not 0 <= value <= high:
+            raise self.error(f"{key} {value!r} is not a whole number in 0..{high}")
+        return value
+
+    def text(self, raw: dict[str, Any], key: str, *, path: bool = False) -> str:
+        value = raw.get(key)
+        if value is None:
+            return ""
+        if type(value) is not str:
+            raise self.error(f"{key} is not a string")
+        if not value.isascii():
+            try:
+                value.encode(*_ENCODING)
+            except UnicodeEncodeError:
+                raise self.error(f"{key} {value!r} is not a file name") from None
+        if path and "\0" in value:
+            raise self.error(f"{key} {value!r} holds a NUL byte")
+        return value
+
+    def digest(self, raw: dict[str, Any], key: str) -> str | None:
+        value = raw.get(key)
+        if value is None or value == "":
+            return None
+        if type(value) is str and _SHA256.fullmatch(value):
+            return value
+        try:
+            parsed = Digest.parse(value, f"{self.where}: TOC entry {self.index}: {key}")
+        except InvalidDigestError as exc:
+            raise TocError(str(exc)) from None
+        raise self.error(f"{key} {parsed!r} is not a sha256 digest")
+
+    def mtime(self, raw: dict[str, Any], name: str) -> int:
+        value = raw.get("modtime")
+        if value is None or value == "":
+            return 0
+        if type(value) is not str:
+            raise self.error(f"modtime {value!r} is not an RFC 3339 time")
+        cached = self.mtimes.get(value)
+        if cached is not None:
+            return cached
+        ns = parse_rfc3339_ns(value)
+        if ns is None:
+            raise self.error(f"modtime {value!r} is not an RFC 3339 time")
+        if not MIN_TIME_NS <= ns <= MAX_TIME_NS:
+            self.warn(f"TOC entry {name!r}: mtime out of range, clamped")
+            return max(MIN_TIME_NS, min(MAX_TIME_NS, ns))
+        if len(self.mtimes) < 4096:  # hostile input may use a new time every entry
+            self.mtimes[value] = ns
+        return ns
+
+    def xattrs(self, raw: dict[str, Any]) -> tuple[tuple[str, bytes], ...]:
+        value = raw.get("xattrs")
+        if value is None:
+            return ()
+        if type(value) is not dict:
+            raise self.error("xattrs is not an object")
+        pairs = []
+        for name, encoded in value.items():
+            self.text({"xattr name": name}, "xattr name")
+            if type(encoded) is not str:
+                raise self.error(f"xattr {name!r} is not a base64 string")
+            try:
+                pairs.append((name, base64.b64decode(encoded, validate=True)))
+            except (binascii.Error, ValueError):
+                raise self.error(f"xattr {name!r} is not valid base64") from None
+        return tuple(pairs)
+
+    def name_inside_root(self, key: str, name: str) -> None:
+        if ".." not in name:
+            return
+        depth = 0
+        for part in name.split("/"):
+            if part == "..":
+                if depth == 0:
+                    raise self.error(f"{key} {name!r} leaves the root")
+                depth -= 1
+            elif part not in ("", "."):
+                depth += 1
+
+    # -- entries ---------------------------------------------------------
+
+    def entry(self, raw: object) -> None:
+        if type(raw) is not dict:
+            raise self.error("is not an object")
+        kind = raw.get("type")
+        if kind == "chunk":
+            self.chunk(raw)
+            return
+        if self.file >= 0:
+            self.finish_file()
+        etype = _TYPES.get(kind) if type(kind) is str else None
+        if etype is None:
+            raise self.error(f"unknown type {kind!r}")
+        name = self.text(raw, "name", path=True)
+        if not name:
+            raise self.error("has no name")
+        self.name_inside_root("name", name)
+        integer = self.integer
+        uid = integer(raw, "uid", MAX_ID)
+        gid = integer(raw, "gid", MAX_ID)
+        # eStargz writes a user or group name only when it changes for that
+        # id (estargz.go, nameIfChanged); its reader carries it forward.
+        uname = self.text(raw, "userName")
+        if uname:
+            self.unames[uid] = uname
+        else:
+            uname = self.unames.get(uid, "")
+        gname = self.text(raw, "groupName")
+        if gname:
+            self.gnames[gid] = gname
+        else:
+            gname = self.gnames.get(gid, "")
+        linkname = ""
+        devmajor = devminor = size = 0
+        if etype is EntryType.FILE:
+            size = integer(raw, "size", MAX_SIZE)
+        elif etype is EntryType.SYMLINK or etype is EntryType.HARDLINK:
+            linkname = self.text(raw, "linkName", path=True)
+            if etype is EntryType.HARDLINK:
+                if not linkname:
+                    raise self.error(f"hardlink {name!r} has no target")
+                self.name_inside_root("linkName", linkname)
+        elif etype is EntryType.CHAR_DEVICE or etype is EntryType.BLOCK_DEVICE:
+            devmajor = integer(raw, "devMajor", MAX_ID)
+            devminor = integer(raw, "devMinor", MAX_ID)
+        xattrs = self.xattrs(raw) if "xattrs" in raw else ()
+        mode = integer(raw, "mode", MAX_OFFSET) & 0o7777
+        mtime_ns = self.mtime(raw, name)
+        data_offset = TOC_DATA_BASE + self.data_size if etype is EntryType.FILE else 0
+        entry = self.new_entry(
+            name, etype, mode, uid, gid, size, mtime_ns, linkname, devmajor, devminor,
+            xattrs, data_offset, None, uname, gname,
+        )  # fmt: skip
+        self.entries.append(entry)
+        if etype is not EntryType.FILE:
+            return
+        self.data_size += size
+        if self.data_size > MAX_DATA_SIZE:
+            raise self.error(f"the files add up to more than {MAX_DATA_SIZE} bytes")
+        if not size:
+            return
+        self.file = len(self.entries) - 1
+        self.file_name = name
+        self.file_size = size
+        self.file_digest = raw.get("digest")  # checked only if a chunk needs it
+        self.file_first_chunk = len(self.sizes)
+        self.covered = 0
+        end_offset = integer(raw, "endOffset", MAX_OFFSET)
+        if end_offset:
+            self.end_offsets[self.file] = end_offset
+        self.chunk(raw)
+
+    def chunk(self, raw: dict[str, Any]) -> None:
+        if self.file < 0:
+            raise self.error("a chunk that follows no regular file still missing data")
+        name = raw.get("name")
+        if name and name != self.file_name:
+            raise self.error(f"chunk of {name!r} follows the entry for {self.file_name!r}")
+        chunk_type = raw.get("chunkType")
+        if chunk_type and chunk_type not in _CHUNK_TYPES:
+            raise self.error(f"unknown chunkType {chunk_type!r}")
+        integer = self.integer
+        file_offset = integer(raw, "chunkOffset", MAX_SIZE)
+        if file_offset != self.covered:
+            raise self.error(
+                f"chunk of {self.file_name!r} at {file_offset}, where the chunks before it "
+                f"end at {self.covered}"
+            )
+        size = integer(raw, "chunkSize", MAX_SIZE) or self.file_size - file_offset
+        if file_offset + size > self.file_size:
+            raise self.error(
+                f"chunk of {self.file_name!r} ends at {file_offset + size}, past the file's "
+                f"{self.file_size} bytes"
+            )
+        self.owner.append(self.file)
+        self.file_offsets.append(file_offset)
+        self.sizes.append(size)
+        self.offsets.append(integer(raw, "offset", MAX_OFFSET))
+        self.inners.append(integer(raw, "innerOffset", MAX_OFFSET))
+        self.digests.append(self.digest(raw, "chunkDigest"))
+        self.covered += size
+        if self.covered == self.file_size:
+            self.finish_file()
+
+    def finish_file(self) -> None:
+        """The file's chunks are all there: check they cover it; give them digests."""
+        if self.file < 0:
+            return
+        if self.covered != self.file_size:
+            raise TocError(
+                f"{self.where}: TOC: the chunks of {self.file_name!r} cover {self.covered} of "
+                f"its {self.file_size} bytes"
+            )
+        first, digests = self.file_first_chunk, self.digests
+        if len(digests) - first == 1 and digests[first] is None:
+            # One chunk: the file's digest is its digest.
+            digests[first] = self.digest({"digest": self.file_digest}, "digest")
+        if self.undigested is None and None in digests[first:]:
+            # Original stargz wrote no digests: nothing to verify chunks by,
+            # which is no inconsistency, but no way to serve them safely.
+            self.undigested = self.file_name
+        self.file = -1
+
+    # -- extents ---------------------------------------------------------
+
+    def place_chunks(self) -> NotServable | None:
+        """Each chunk's compressed length: up to the next member or frame that starts later.
+
+        The members (or frames) must come in TOC order, as both writers put
+        them, so two never overlap; chunks sharing one member (eStargz
+        ``innerOffset``) must follow each other inside it. containers/storage
+        gives each file's ``endOffset``, which then bounds its last chunk.
+        """
+        offsets, inners, sizes, owner = self.offsets, self.inners, self.sizes, self.owner
+        count = len(offsets)
+        lengths = [0] * count
+        payload_end = self.payload_end
+        next_start = payload_end
+        for position in range(count - 1, -1, -1):
+            offset = offsets[position]
+            if offset >= payload_end:
+                raise self.chunk_error(position, f"past the data's end at {payload_end}")
+            if position + 1 < count:
+                following = offsets[position + 1]
+                if following < offset or (
+                    following == offset
+                    and inners[position + 1] < inners[position] + sizes[position]
+                ):
+                    raise self.chunk_error(position, "overlaps or comes after the next one")
+                if following > offset:
+                    next_start = following
+            end = next_start
+            file = owner[position]
+            end_offset = self.end_offsets.get(file)
+            if end_offset and (position + 1 == count or owner[position + 1] != file):
+                if not offset < end_offset <= next_start:
+                    name = self.entries[file].path
+                    raise TocError(
+                        f"{self.where}: TOC: {name!r} ends at blob offset {end_offset}, "
+                        f"outside {offset}..{next_start}"
+                    )
+                end = end_offset
+            lengths[position] = end - offset
+            if sizes[position] > MAX_CHUNK_SIZE:
+                return NotServable(
+                    f"a chunk of {self.entries[file].path!r} is {sizes[position]} bytes, over "
+                    f"{MAX_CHUNK_SIZE}"
+                )
+            if inners[position] > MAX_INNER_OFFSET:
+                return NotServable(
+                    f"a chunk of {self.entries[file].path!r} starts {inners[position]} bytes "
+                    f"into its member, over {MAX_INNER_OFFSET}"
+                )
+        self.lengths = lengths
+        return None
+
+    def chunk_error(self, position: int, problem: str) -> TocError:
+        name = self.entries[self.owner[position]].path
+        return TocError(
+            f"{self.where}: TOC: chunk at {self.file_offsets[position]} of {name!r} (blob "
+            f"offset {self.offsets[position]}, inner offset {self.inners[position]}) {problem}"
+        )
+
+    def result(self) -> tuple[TocEntry, ...]:
+        chunks_of: dict[int, list[Chunk]] = {}
+        for position, file in enumerate(self.owner):
+            digest = self.digests[position]
+            assert digest is not None  # undigested TOCs are not served
+            chunk = Chunk(
+                self.file_offsets[position], self.sizes[position], self.offsets[position],
+                self.lengths[position], self.inners[position], Digest(digest),
+            )  # fmt: skip
+            chunks_of.setdefault(file, []).append(chunk)
+        return tuple(
+            TocEntry(entry, tuple(chunks_of.get(index, ())))
+            for index, entry in enumerate(self.entries)
+        )
+
+
+def parse_entries(
+    data: bytes, *, payload_end: int, where: str, warn: Callable[[str], None]
+) -> tuple[tuple[TocEntry, ...], int] | NotServable:
+    """The TOC JSON ``data`` as entries (in TOC order) and the size of their data space.
+
+    ``payload_end``: where the TOC starts in the blob; every chunk must lie
+    before it. Call only with JSON already checked against its digest (or
+    from a verified blob). ``where`` starts every message; ``warn`` gets
+    oddities that do not stop the parse (an mtime clamped to range).
+    """
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise TocError(f"{where}: TOC is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise TocError(f"{where}: TOC is not a JSON object")
+    version = document.get("version")
+    if version != 1 or type(version) is not int:
+        return NotServable(f"its TOC has version {version!r}, and imagefs reads version 1")
+    raw_entries = document.get("entries")
+    if raw_entries is None:
+        raw_entries = []
+    if not isinstance(raw_entries, list):
+        raise TocError(f"{where}: TOC entries is not an array")
+    if len(raw_entries) > MAX_TOC_ENTRIES:
+        return NotServable(f"its TOC lists {len(raw_entries)} entries, over {MAX_TOC_ENTRIES}")
+    parser = _Parser(payload_end, where, warn)
+    for index, raw in enumerate(raw_entries):
+        parser.index = index
+        parser.entry(raw)
+    if parser.file >= 0:
+        parser.index = len(raw_entries)
+        parser.finish_file()
+    if parser.undigested is not None:
+        return NotServable(f"its TOC gives no digest for a chunk of {parser.undigested!r}")
+    unservable = parser.place_chunks()
+    if unservable is not None:
+        return unservable
+    return parser.result(), parser.data_size
