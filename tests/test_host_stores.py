@@ -488,3 +488,19 @@ def test_not_a_store(tmp_path: Path) -> None:
             open_image(f"{transport}:x:1", store_root=str(tmp_path))
     with pytest.raises(SourceNotFoundError, match="no such directory"):
         open_image("docker-store:x:1", store_root=str(tmp_path / "absent"))
+
+
+def test_images_lists_the_store_as_its_engine_does(store: Store) -> None:
+    """``imagefs images`` on a podman or Docker store: the name and image ID the engine gave."""
+    result = run_imagefs("images", "--json", "--store-root", store.root)
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    [entry] = [image for image in listed if image["name"] == store.reference]
+    assert entry["store"] == store.transport and entry["root"] == str(store.root)
+    assert entry["digest"] == f"sha256:{store.image_id}"
+    assert entry["size"] > 0 and entry["namespace"] == ""
+    text = run_imagefs("images", "--store-root", store.root)
+    assert text.returncode == 0 and store.reference in text.stdout
+    # --namespace means containerd: refused for the other stores.
+    refused = run_imagefs("images", "--namespace", "x", "--store-root", store.root)
+    assert refused.returncode != 0 and "containerd" in refused.stderr

@@ -28,7 +28,7 @@ import stat
 
 from imagefs.errors import SourceError, SourceNotFoundError, UsageError
 from imagefs.image import Image, Platform
-from imagefs.sources import containerd
+from imagefs.sources import containerd, containers_storage, docker_store
 from imagefs.sources.containerd import open_containerd_image
 from imagefs.sources.containers_storage import open_containers_storage
 from imagefs.sources.dirtransport import is_dir_transport, open_dir_transport
@@ -192,17 +192,31 @@ def list_store_images(
     Without ``store_root`` each engine's default root is listed when it exists.
     """
     wanted = platform if platform is not None else host_platform()
+
+    def listed(root: str, *, explicit: bool) -> list[StoreImage] | None:
+        if containerd.is_containerd_root(root):
+            return containerd.list_containerd_images(root, namespace=namespace, platform=wanted)
+        if namespace is not None and explicit:
+            raise UsageError(f"{root}: --namespace is for containerd stores only")
+        if containers_storage.is_containers_storage_root(root):
+            return containers_storage.list_containers_storage_images(root)
+        if docker_store.is_docker_root(root):
+            return docker_store.list_docker_images(root)
+        return None
+
     if store_root is not None:
-        if containerd.is_containerd_root(store_root):
-            return containerd.list_containerd_images(
-                store_root, namespace=namespace, platform=wanted
+        found = listed(store_root, explicit=True)
+        if found is None:
+            raise SourceNotFoundError(
+                f"{store_root}: not a host image store root (no containerd meta.db, no "
+                "containers-storage overlay-images/images.json, no Docker image/overlay2)"
             )
-        raise SourceNotFoundError(
-            f"{store_root}: not a host image store root (no containerd meta.db)"
-        )
-    found: list[StoreImage] = []
-    if containerd.is_containerd_root(containerd.DEFAULT_ROOT):
-        found += containerd.list_containerd_images(
-            containerd.DEFAULT_ROOT, namespace=namespace, platform=wanted
-        )
+        return found
+    found = []
+    defaults = [containerd.DEFAULT_ROOT, containers_storage.default_root(),
+                docker_store.DEFAULT_ROOT]  # fmt: skip
+    if namespace is not None:
+        defaults = defaults[:1]
+    for root in defaults:
+        found += listed(root, explicit=False) or []
     return found

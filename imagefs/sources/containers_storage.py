@@ -25,6 +25,7 @@ from typing import Any
 
 from imagefs.errors import ManifestError, SourceNotFoundError
 from imagefs.image import Image
+from imagefs.layers.beneath import Beneath
 from imagefs.sources.extracted import (
     MAX_CONFIG,
     IndexedImage,
@@ -35,9 +36,16 @@ from imagefs.sources.extracted import (
     open_store,
     resolve_image,
 )
+from imagefs.sources.hoststore import StoreImage
 from imagefs.sources.manifest import expect_object, get_list, get_str
 
-__all__ = ["TRANSPORT", "default_root", "open_containers_storage"]
+__all__ = [
+    "TRANSPORT",
+    "default_root",
+    "is_containers_storage_root",
+    "list_containers_storage_images",
+    "open_containers_storage",
+]
 
 TRANSPORT = "containers-storage"
 _DRIVER = "overlay"
@@ -126,6 +134,59 @@ def _chain(top: str | None, layers: dict[str, dict[str, Any]], where: str) -> li
         current = parent
     chain.reverse()
     return chain
+
+
+_IMAGES_JSON = f"{_DRIVER}-images/images.json"
+_LAYERS_JSON = f"{_DRIVER}-layers/layers.json"
+
+
+def is_containers_storage_root(root: str) -> bool:
+    """Whether ``root`` looks like a containers-storage graph root (overlay driver)."""
+    try:
+        with Beneath(root) as store:
+            return store.exists(_IMAGES_JSON)
+    except OSError:
+        return False
+
+
+def list_containers_storage_images(root: str) -> list[StoreImage]:
+    """Every image of the store, as ``podman images`` lists them (one line per name).
+
+    The digest is the image ID (its config's digest), as podman shows it;
+    the size sums the layers' uncompressed sizes (layers.json ``diff-size``).
+    """
+    root = os.path.abspath(root)
+    with open_store(root, TRANSPORT) as store:
+        images = _images(load_store_json(store, _IMAGES_JSON), store.path(_IMAGES_JSON))
+        try:
+            layers = _layers(load_store_json(store, _LAYERS_JSON), store.path(_LAYERS_JSON))
+        except SourceNotFoundError:
+            layers = {}
+    found = []
+    for image, obj in images:
+        size: int | None = 0
+        top = obj.get("layer")
+        try:
+            for place in _chain(top if isinstance(top, str) else None, layers, _LAYERS_JSON):
+                raw = layers[place.diff.split("/")[1]].get("diff-size")
+                size = size + raw if size is not None and isinstance(raw, int) else None
+        except (ManifestError, SourceNotFoundError):
+            size = None  # listed anyway: mounting it reports what is wrong
+        created = obj.get("created")
+        for name in image.names or ("<none>",):
+            found.append(
+                StoreImage(
+                    store=TRANSPORT,
+                    root=root,
+                    namespace="",
+                    name=name,
+                    digest=f"sha256:{image.id}",
+                    media_type="",
+                    size=size,
+                    created=created if isinstance(created, str) else "",
+                )
+            )
+    return found
 
 
 def open_containers_storage(

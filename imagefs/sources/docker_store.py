@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imagefs.digest import Digest
-from imagefs.errors import ManifestError, SourceNotFoundError
+from imagefs.errors import ImageFSError, ManifestError, SourceNotFoundError
 from imagefs.image import Image
 from imagefs.layers.beneath import Beneath
 from imagefs.sources.extracted import (
@@ -37,9 +37,17 @@ from imagefs.sources.extracted import (
     open_store,
     resolve_image,
 )
+from imagefs.sources.hoststore import StoreImage
 from imagefs.sources.manifest import expect_object, parse_config
 
-__all__ = ["DEFAULT_ROOT", "TRANSPORT", "chain_ids", "open_docker_store"]
+__all__ = [
+    "DEFAULT_ROOT",
+    "TRANSPORT",
+    "chain_ids",
+    "is_docker_root",
+    "list_docker_images",
+    "open_docker_store",
+]
 
 TRANSPORT = "docker-store"
 DEFAULT_ROOT = "/var/lib/docker"
@@ -113,6 +121,64 @@ def _layer(store: Beneath, chain_id: str, diff_id: str) -> StoreLayer:
         diff=f"overlay2/{cache_id}/diff",
         label=f"docker layer {hexid[:12]}",
     )
+
+
+def is_docker_root(root: str) -> bool:
+    """Whether ``root`` looks like a Docker data root with the overlay2 driver."""
+    try:
+        with Beneath(root) as store:
+            return store.exists(_IMAGES)
+    except OSError:
+        return False
+
+
+def list_docker_images(root: str) -> list[StoreImage]:
+    """Every image of the data root, as ``docker images`` lists them (one line per name).
+
+    The digest is the image ID (its config's digest), as docker shows it;
+    the size sums the layers' ``size`` files (uncompressed). Configs are
+    read only for their creation time and diff_ids, and verified first.
+    """
+    root = os.path.abspath(root)
+    found = []
+    with open_store(root, TRANSPORT) as store:
+        repositories = f"{_IMAGES}/repositories.json"
+        try:
+            named = _images(load_store_json(store, repositories), store.path(repositories))
+        except SourceNotFoundError:
+            named = []
+        known = {image.id for image in named}
+        images = named + [IndexedImage(i, ()) for i in _all_ids(store) if i not in known]
+        for image in images:
+            created, size = "", None
+            config_at = f"{_IMAGES}/imagedb/content/sha256/{image.id}"
+            try:
+                data = store.read(config_at, MAX_CONFIG)
+                Digest(f"sha256:{image.id}").verify(data, where=store.path(config_at),
+                                                    over="the config")  # fmt: skip
+                config = parse_config(data, store.path(config_at))
+                raw = config.raw.get("created")
+                created = raw if isinstance(raw, str) else ""
+                size = 0
+                for chain_id in chain_ids(config.diff_ids):
+                    text = _small_text(store, f"{_IMAGES}/layerdb/sha256/{chain_id[7:]}/size")
+                    size += int(text)
+            except (OSError, ValueError, ImageFSError):
+                pass  # listed anyway: mounting it reports what is wrong
+            for name in [ref for ref in image.names if "@" not in ref] or ["<none>"]:
+                found.append(
+                    StoreImage(
+                        store=TRANSPORT,
+                        root=root,
+                        namespace="",
+                        name=name,
+                        digest=f"sha256:{image.id}",
+                        media_type="",
+                        size=size,
+                        created=created,
+                    )
+                )
+    return found
 
 
 def open_docker_store(
