@@ -278,7 +278,7 @@ class FormatVersion:
 
     @property
     def tag(self) -> str:
-        """``tree1-merge2-scan2-tarindex1``: this version, then all it derives from, by name."""
+        """``tarindex2-scan2``: this version, then all it derives from, by name."""
         versions = self._all()
         own = versions.pop(self.name)
         return "-".join([f"{self.name}{own}", *(f"{n}{v}" for n, v in sorted(versions.items()))])

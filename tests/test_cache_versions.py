@@ -115,5 +115,5 @@ def test_bumping_a_version_rebuilds_exactly_its_dependents(
 def test_every_cache_format_has_a_distinct_tag() -> None:
     tags = [version.tag for version in FORMATS]
     assert len(set(tags)) == len(tags)
-    assert cachedir.TREE.tag == "tree1-merge2-scan2-tarindex1"
+    assert cachedir.TREE.tag == "tree1-merge3-scan2-tarindex2-tocindex1-tocparse1"
     assert all(os.sep not in tag and "." not in tag for tag in tags)

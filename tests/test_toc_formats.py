@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import zstandard
 
-from imagefs.cachedir import TOC_INDEX
+from imagefs.cachedir import TOC_CHUNKS, TOC_INDEX
 from imagefs.digest import Digest
 from imagefs.errors import CompressionError, DigestMismatchError, ImageFSError, TocError
 from imagefs.image import BlobRange, Descriptor, Layer
@@ -490,7 +490,7 @@ def test_a_local_estargz_layer_is_indexed_and_read_from_its_toc(tmp_path: Path) 
     assert all(entry.data_offset >= TOC_DATA_BASE for entry in entries if entry.size)
     bookkeeping = {entry.path for entry in entries if entry.bookkeeping}
     assert bookkeeping == {".no.prefetch.landmark", "stargz.index.json"}
-    assert list(cache.glob("*.layerio-v*.tocindex-*"))
+    assert list(cache.glob(f"*.{TOC_INDEX.tag}"))
     assert _scan(source, cache) == entries  # from the cached TOC index
     layer = open_image(source).layers[0]
     data = open_layer_data(layer, str(cache))
@@ -699,7 +699,7 @@ def test_the_daemon_reads_the_chunk_table_the_scan_left(
     with local.TocLayerData(layer, _locate(crafted), lambda: None, str(cache)) as data:  # type: ignore[arg-type,return-value]
         assert data.pread(big.data_offset + 150_000, 10) == RANDOM[150_000:150_010]
     assert parsed == []
-    (table,) = cache.glob("*.tocchunks-*")
+    (table,) = cache.glob(f"*.{TOC_CHUNKS.tag}")
     table.write_bytes(table.read_bytes()[:-1] + b"\0")  # torn or tampered: parse again
     with local.TocLayerData(layer, _locate(crafted), lambda: None, str(cache)) as data:  # type: ignore[arg-type,return-value]
         assert data.pread(big.data_offset + 150_000, 10) == RANDOM[150_000:150_010]
