@@ -50,6 +50,7 @@ demo: bootstrap
 bench: bootstrap
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench_registry.py
+	$(PY) scripts/bench_stores.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
