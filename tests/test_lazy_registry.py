@@ -230,8 +230,8 @@ def test_mount_fetches_only_manifest_config_footers_and_tocs(
         assert oracle.compare(_expected(lazy, variant), actual) == []
         reads = proxy.reset()
         assert len({seen.range for seen in reads}) == len(reads)
-        assert sum(seen.body_bytes for seen in reads) <= sum(len(lazy.blob(variant, i))
-                                                              for i in range(len(layers)))  # fmt: skip
+        blobs_size = sum(len(lazy.blob(variant, i)) for i in range(len(layers)))
+        assert sum(seen.body_bytes for seen in reads) <= blobs_size
     lines = _log(log)
     assert not [line for line in lines if "WARNING" in line or "ERROR" in line], lines
     assert len([line for line in lines if "fetched by range" in line]) == len(layers)
@@ -259,7 +259,9 @@ def test_one_file_costs_its_chunks_and_later_mounts_cost_nothing(
             sum(request.body_bytes for request in small) <= os.path.getsize(plain / SMALL) + SLACK
         )
         # Again: from the kernel's page cache or ours, nothing from the registry.
-        os.posix_fadvise(os.open(mnt / BIG_RANDOM, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+        fd = os.open(mnt / BIG_RANDOM, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
         assert (mnt / BIG_RANDOM).read_bytes() == (plain / BIG_RANDOM).read_bytes()
         assert proxy.reset() == []
     # A later mount, online: one HEAD for the tag and nothing else.
@@ -473,3 +475,17 @@ def test_lazy_options_as_mount_options() -> None:
     assert parsed.settings == {"lazy": LazyMode.NEVER, "prefetch": PrefetchMode.ALL}
     with pytest.raises(Exception, match="not one of auto, never"):
         parse_mount_options("lazy=sometimes")
+
+
+@pytest.mark.parametrize(("variant", "toc"), [("estargz", "eStargz"),
+                                              ("skopeo-zstdchunked", "zstd:chunked")])  # fmt: skip
+def test_inspect_says_which_layers_a_mount_reads_lazily(
+    lazy: Lazy, proxy: LazyProxy, variant: str, toc: str, tmp_path: Path
+) -> None:
+    result = run_imagefs("inspect", "--json", f"--cache-dir={tmp_path / 'cache'}",
+                         lazy.ref(variant, proxy))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    layers = json.loads(result.stdout)["layers"]
+    assert [(layer["toc"], layer["lazy"]) for layer in layers] == [(toc, True)] * len(layers)
+    text = run_imagefs("inspect", f"--cache-dir={tmp_path / 'cache'}", lazy.ref(variant, proxy))
+    assert f"{toc} TOC (a registry mount reads it lazily)" in text.stdout, text.stdout
