@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 # Range requests in flight over one mount (FUSE reads, prefetch): enough to
 # keep a link busy, few enough not to look like a flood to a registry.
 RANGE_REQUESTS_IN_FLIGHT = 8
+CLOSE_WAIT = 10.0  # s an unmount waits for the background prefetch to notice
 TOC_FETCHES = 4  # layers whose footer and TOC are fetched at once (as PARALLEL_DOWNLOADS)
 
 
@@ -328,6 +329,8 @@ class LazyImage:
     def close(self) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join()
+            # A Range request stalled on a dead link ends at the client's read
+            # timeout; unmounting need not wait for it (the thread is a daemon).
+            thread.join(CLOSE_WAIT)
         for ranges in self.ranges.values():
             ranges.close()
