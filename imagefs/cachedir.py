@@ -301,6 +301,13 @@ TAR_INDEX = FormatVersion("tarindex", 2, (SCANNER,))
 TOC_INDEX = FormatVersion("tocindex", 1, (TOC_PARSER,))
 # A TOC layer's chunk table (imagefs.layers.toc.table).
 TOC_CHUNKS = FormatVersion("tocchunks", 1, (TOC_PARSER,))
+# A lazy registry layer's footer and compressed TOC, as fetched with Range
+# requests (imagefs.layers.toc.lazy): checked against the layer's annotated
+# digests again at every use, so a later mount (also --offline) needs no traffic.
+TOC_FETCHED = FormatVersion("tocfetched", 1)
+# A lazy registry layer's verified chunks, as compressed blob bytes, one file
+# per gzip member or zstd frame (imagefs.layers.toc.chunkstore).
+LAZY_CHUNKS = FormatVersion("lazychunks", 1)
 # gzip checkpoints exported from rapidgzip (imagefs.layers.gzip).
 GZIP_INDEX = FormatVersion("gzidx", 1)
 # A zstd layer's seek table and re-encoded frames (imagefs.layers.zstd).
@@ -311,4 +318,4 @@ TREE = FormatVersion("tree", 1, (TAR_INDEX, TOC_INDEX, MERGE))
 
 # Every kind of cache file, for ``cache prune``: a file whose tag is not one
 # of these was written by other code and is never read.
-FORMATS = (TAR_INDEX, TOC_INDEX, TOC_CHUNKS, GZIP_INDEX, ZSTD_SEEK, TREE)
+FORMATS = (TAR_INDEX, TOC_INDEX, TOC_CHUNKS, TOC_FETCHED, LAZY_CHUNKS, GZIP_INDEX, ZSTD_SEEK, TREE)

@@ -161,6 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "(each changed file is marked with the hidden xattr user.imagefs.modified)",
     )
     registry_cli.add_registry_arguments(mount)
+    registry_cli.add_lazy_arguments(mount)
 
     umount = commands.add_parser(
         "umount",
@@ -221,6 +222,8 @@ def _run_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         namespace=args.namespace,
         store_root=args.store_root,
         allow_modified=args.allow_modified,
+        lazy=args.lazy,
+        prefetch=args.prefetch,
     )
     mount(request)
 

@@ -21,6 +21,16 @@ means something:
 * parallel ``curl`` of every blob;
 * ``imagefs mount`` with an empty cache until ``ls`` works.
 
+Then lazy mounts (issue #14): the same image converted by ``ctr-remote image
+convert --estargz`` and ``--zstdchunked`` (a containerd started for it, with
+a private root), side by side, on loopback and behind the throttle proxy at
+BENCH_LAZY_MBPS (default 100): time to live and bytes fetched to live, ``cat``
+of one file and ``sha256sum`` of 100 files (time and bytes), against the
+full (``--lazy never``) mount of the same image over the same link. Goals:
+live in at most 0.25x the full mount on loopback and 0.05x at 100 Mbit/s; at
+most 5% of the blob bytes fetched to go live; one small file at most its
+chunks plus 64 KiB. BENCH_LAZY=0 skips it.
+
 Figures for people, no pass/fail. BENCH_QUICK=1 uses /usr/share/doc only.
 """
 
@@ -44,6 +54,11 @@ from scripts.throttleproxy import ThrottleProxy  # noqa: E402
 from tests import builder  # noqa: E402
 from tests.registry import Registry  # noqa: E402
 
+try:  # tests.engines takes these over in another branch
+    from tests import toc_producers as producers
+except ImportError:  # pragma: no cover
+    from tests import engines as producers  # type: ignore[no-redef]
+
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 RAPIDGZIP = str(ROOT / ".venv" / "bin" / "rapidgzip")
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -53,6 +68,9 @@ BENCH_DIR = Path(os.environ.get("BENCH_DIR", "/var/tmp/imagefs-bench")) / (
 REPO = "bench/usr"
 LINK_MBPS = float(os.environ.get("BENCH_LINK_MBPS", "400"))
 LINK_RATE = LINK_MBPS * 1e6 / 8  # bytes per second
+LAZY = os.environ.get("BENCH_LAZY", "1") != "0"
+LAZY_MBPS = float(os.environ.get("BENCH_LAZY_MBPS", "100"))
+UNLIMITED = 1e12  # bytes per second: the throttle proxy as a mere byte counter
 LAYERS = (
     [["usr/share/doc"], ["usr/share/man"], ["usr/share/locale"]]
     if QUICK
@@ -91,9 +109,9 @@ def imagefs(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def mount_to_ls(ref: str, cache: Path, mnt: Path) -> float:
+def mount_to_ls(ref: str, cache: Path, mnt: Path, *options: str) -> float:
     started = time.perf_counter()
-    result = imagefs("mount", "--quiet", f"--cache-dir={cache}", ref, mnt)
+    result = imagefs("mount", "--quiet", f"--cache-dir={cache}", *options, ref, mnt)
     if result.returncode != 0:
         raise SystemExit(f"mount failed: {result.stderr}")
     os.listdir(mnt)
@@ -123,6 +141,145 @@ def decompress_floor(blobs: list[Path]) -> float:
         )
         seconds += time.perf_counter() - started
     return seconds
+
+
+def _member_bytes(blob: bytes, name: str) -> int:
+    """Compressed bytes of the members holding ``name``'s chunks, from the TOC."""
+    entries = producers.toc_json(blob)["entries"]
+    offsets = sorted({e["offset"] for e in entries if e.get("offset")})
+    total = 0
+    for entry in entries:
+        if entry["name"] == name and entry["type"] in ("reg", "chunk") and entry.get("size", 1):
+            later = [o for o in offsets if o > entry["offset"]]
+            total += (later[0] if later else len(blob)) - entry["offset"]
+    return total
+
+
+def _pick_files(mnt: Path) -> tuple[str, list[str]]:
+    """One small file (16-256 KiB) and 100 files spread over the tree (a walk fetches nothing)."""
+    regular: list[tuple[str, int]] = []
+    for directory, _, files in os.walk(mnt):
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if st.st_mode & 0o170000 == 0o100000 and st.st_size > 0:
+                regular.append((os.path.relpath(path, mnt), st.st_size))
+    regular.sort()
+    small = next(
+        path for path, size in regular[len(regular) // 3 :] if 16 << 10 <= size <= 256 << 10
+    )
+    step = max(1, len(regular) // 100)
+    return small, [path for path, _ in regular[::step][:100]]
+
+
+def lazy_run(
+    ref: str, proxy: ThrottleProxy, work: Path, blobs: dict[str, bytes]
+) -> dict[str, float]:
+    """One lazy mount through ``proxy``: live, one cat, 100 sha256sums (seconds and bytes)."""
+    cache = Path(tempfile.mkdtemp(prefix="cache-lazy-", dir=work))
+    mnt = work / "mnt"
+    before = proxy.bytes_down
+    started = time.perf_counter()
+    result = imagefs("mount", "--quiet", "--prefetch=none", f"--cache-dir={cache}", ref, mnt)
+    if result.returncode != 0:
+        raise SystemExit(f"lazy mount failed: {result.stderr}")
+    os.listdir(mnt)
+    live = time.perf_counter() - started
+    live_bytes = proxy.bytes_down - before
+    try:
+        small, hundred = _pick_files(mnt)
+        before = proxy.bytes_down
+        started = time.perf_counter()
+        subprocess.run(["cat", str(mnt / small)], stdout=subprocess.DEVNULL, check=True)
+        cat = time.perf_counter() - started
+        cat_bytes = proxy.bytes_down - before
+        before = proxy.bytes_down
+        started = time.perf_counter()
+        subprocess.run(["sha256sum", *[str(mnt / p) for p in hundred]], stdout=subprocess.DEVNULL,
+                       check=True)  # fmt: skip
+        hashed = time.perf_counter() - started
+        hashed_bytes = proxy.bytes_down - before
+    finally:
+        imagefs("umount", mnt)
+    chunks = sum(_member_bytes(blob, small) for blob in blobs.values())
+    return {
+        "live_s": live, "live_bytes": live_bytes, "cat_s": cat, "cat_bytes": cat_bytes,
+        "cat_file_chunk_bytes": chunks, "sha256_100_s": hashed, "sha256_100_bytes": hashed_bytes,
+    }  # fmt: skip
+
+
+def lazy_bench(registry: Registry, plain_ref: str, work: Path) -> dict[str, dict[str, float]]:
+    """Convert, then measure lazy and full mounts of each format on both links."""
+    containerd = producers.Containerd(work / "containerd")
+    try:
+        started = time.perf_counter()
+        convert = producers.ctr_remote_convert
+        refs = {
+            "eStargz": convert(containerd, registry, plain_ref, "estargz", "esgz"),
+            "zstd:chunked": convert(containerd, registry, plain_ref, "zstdchunked", "zstdc"),
+        }
+        print(f"converted with ctr-remote in {time.perf_counter() - started:.1f} s", flush=True)
+    finally:
+        containerd.stop()
+    found: dict[str, dict[str, float]] = {}
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    for kind, ref in refs.items():
+        repo_tag = ref.split("/", 1)[1]
+        repo, tag = repo_tag.rsplit(":", 1)
+        manifest = json.loads(subprocess.run(
+            ["curl", "-sf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json",
+             f"{registry.url}/v2/{repo}/manifests/{tag}"], capture_output=True, check=True,
+        ).stdout)  # fmt: skip
+        blobs = {
+            layer["digest"]: registry.blob_file(layer["digest"]).read_bytes()
+            for layer in manifest["layers"]
+        }
+        total = sum(layer["size"] for layer in manifest["layers"])
+        for link, rate in (("loopback", UNLIMITED), (f"{LAZY_MBPS:g} Mbit/s", LAZY_MBPS * 1e6 / 8)):
+            proxy = ThrottleProxy(registry.port, rate)
+            try:
+                via = f"{proxy.host}/{repo_tag}"
+                row = lazy_run(via, proxy, work, blobs)
+                before = proxy.bytes_down
+                full = mount_to_ls(via, Path(tempfile.mkdtemp(prefix="cache-full-", dir=work)),
+                                   mnt, "--lazy=never")  # fmt: skip
+                row["full_s"] = full
+                row["full_bytes"] = proxy.bytes_down - before
+            finally:
+                proxy.stop()
+            row["blob_bytes"] = total
+            found[f"{kind} {link}"] = row
+            print(f"  {kind} {link}: live {row['live_s']:.2f} s, full {full:.2f} s", flush=True)
+    return found
+
+
+def print_lazy(results: dict[str, dict[str, float]]) -> None:
+    print("\nlazy registry mounts (--prefetch=none), each against the full mount of the same image")
+    header = (
+        f"{'image, link':30} {'live':>8} {'full':>8} {'ratio':>6} {'to live':>10} {'% blob':>7}"
+    )
+    header += f" {'cat 1 file':>17} {'its chunks':>10} {'sha256 100':>17}"
+    print(header)
+    for name, row in results.items():
+        ratio = row["live_s"] / row["full_s"]
+        share = 100 * row["live_bytes"] / row["blob_bytes"]
+        line = f"{name:30} {row['live_s']:7.2f}s {row['full_s']:7.2f}s {ratio:6.3f}"
+        line += f" {human(row['live_bytes']):>10} {share:6.2f}%"
+        line += f" {row['cat_s'] * 1000:7.1f}ms {human(row['cat_bytes']):>8}"
+        line += f" {human(row['cat_file_chunk_bytes']):>10}"
+        line += f" {row['sha256_100_s']:7.2f}s {human(row['sha256_100_bytes']):>8}"
+        print(line)
+    print("goals: ratio <= 0.25 on loopback, <= 0.05 at 100 Mbit/s; to live <= 5% of the blob "
+          "bytes; cat <= its chunks + 64 KiB")  # fmt: skip
+
+
+def human(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
 
 
 def main() -> int:
@@ -166,7 +323,7 @@ def main() -> int:
         proxy = None
 
         link = f"@{LINK_MBPS:g} Mbit/s"
-        results = {
+        results: dict[str, object] = {
             "blob_bytes": total,
             "layers": len(blobs),
             "parallel_curl_s": curl,
@@ -205,6 +362,10 @@ def main() -> int:
             f"{f'imagefs cold mount to ls {link}':44} {link_cold:8.3f} s   "
             f"{link_cold / link_curl:.2f}x curl (<= 1.3x)"
         )
+        if LAZY:
+            lazy_results = lazy_bench(registry, ref, work)
+            print_lazy(lazy_results)
+            results["lazy"] = lazy_results
         (BENCH_DIR / "results.json").write_text(json.dumps(results, indent=1))
     finally:
         if proxy is not None:

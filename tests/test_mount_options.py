@@ -109,7 +109,7 @@ def sample_value(action: argparse.Action) -> str:
     """A value the option's own type accepts (options come and go with other features)."""
     if action.choices:
         return str(next(iter(action.choices)))
-    for candidate in ("1", "/some/path", "value"):
+    for candidate in ("1", "/some/path", "value", "auto", "landmark"):
         try:
             if callable(action.type):
                 action.type(candidate)

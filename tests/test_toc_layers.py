@@ -406,11 +406,12 @@ def test_a_plain_layer_keeps_files_with_bookkeeping_names(tmp_path: Path) -> Non
 def test_a_registry_mount_read_the_ordinary_way_hides_them_too(
     produced: Produced, kind: str, tmp_path: Path
 ) -> None:
-    """A registry download is scanned as it arrives, as a tar stream (no TOC reads yet)."""
+    """A registry download (``--lazy never``) is scanned as it arrives, as a tar stream."""
     variant = "estargz-oci" if kind == "estargz" else "zstdchunked-oci"
     expected = _without(produced.oracle(variant).records, BOOKKEEPING)
     log = tmp_path / "imagefs.log"
-    with mounted(f"docker://{produced.refs[kind]}", tmp_path / "mnt", "--debug", log=log) as mnt:
+    ref = f"docker://{produced.refs[kind]}"
+    with mounted(ref, tmp_path / "mnt", "--debug", "--lazy=never", log=log) as mnt:
         actual = oracle.snapshot(mnt)
     assert oracle.compare(expected, actual) == []
     lines = _log_lines(log)

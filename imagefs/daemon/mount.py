@@ -48,6 +48,7 @@ from imagefs.image import Platform
 from imagefs.layers.reader import set_decoded_cache_limit
 from imagefs.progress import Progress
 from imagefs.registry import RegistryOptions, is_registry_source
+from imagefs.registry.config import LazyMode, PrefetchMode
 from imagefs.sources import open_image
 from imagefs.tree.loader import LoadedImage, load_image
 from imagefs.tree.persisted import load_cached
@@ -105,6 +106,10 @@ class MountRequest:
     namespace: str | None = None
     store_root: str | None = None
     allow_modified: bool = False
+    # Registry images: layers with a TOC mounted lazily (--lazy auto|never),
+    # and what is fetched in the background once live (--prefetch).
+    lazy: LazyMode = LazyMode.AUTO
+    prefetch: PrefetchMode = PrefetchMode.LANDMARK
 
     def fuse_options(self) -> set[str]:
         # fsname shows as the first column of /proc/mounts: keep the source
@@ -299,6 +304,8 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 stack=stack,
                 warn=log.warning,
                 progress=progress,
+                lazy=request.lazy,
+                prefetch=request.prefetch,
             )
         else:
             image = open_image(
@@ -333,7 +340,7 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
         unmount = True
         record: Path | None = None
         try:
-            record = _record_mount(request.source, target)
+            record = _record_mount(request.source, target, loaded, cache_dir)
             log.info(
                 "mounted %s on %s (%d layers, %d inodes)",
                 request.source,
@@ -349,6 +356,8 @@ def serve(request: MountRequest, ready_fd: int | None) -> None:
                 _detach_stdio()
             else:
                 notifier.ready(status=f"serving {request.source} on {target}")
+            if loaded.on_live is not None:
+                loaded.on_live()  # a lazy image's background prefetch
             readahead = (
                 functools.partial(_set_readahead, target, request.readahead_kb)
                 if request.readahead_kb
@@ -388,10 +397,14 @@ def _set_readahead(target: str, kilobytes: int) -> None:
         log.debug("readahead left as the kernel set it (%s: %s)", path, exc.strerror)
 
 
-def _record_mount(source: str, target: str) -> Path | None:
+def _record_mount(
+    source: str, target: str, loaded: LoadedImage, cache_dir: Path | None
+) -> Path | None:
     """Leave the record ``imagefs mounts`` reads; a failure only costs the pid column."""
+    lazy: list[list[str | int]] = [[str(desc.digest), desc.size] for desc in loaded.lazy_layers]
+    cache = str(cache_dir or default_cache_dir()) if lazy else ""
     try:
-        return write_record(source, target)
+        return write_record(source, target, lazy_layers=lazy, cache_dir=cache)
     except (OSError, ValueError, IndexError) as exc:  # unwritable dir, odd mountinfo
         log.warning("cannot record this mount for 'imagefs mounts': %s", exc)
         return None

@@ -28,8 +28,12 @@ import logging
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from imagefs.digest import Digest, InvalidDigestError
+from imagefs.layers.toc.chunkstore import layer_local_bytes
+from imagefs.progress import human_bytes
 
 log = logging.getLogger("imagefs")
 
@@ -139,6 +143,10 @@ class MountRecord:
     mountpoint: str
     mount_id: int
     device: str
+    # A lazy registry mount's layers served by Range requests ([digest, size]
+    # each) and the cache holding what was fetched of them.
+    lazy_layers: list[list[str | int]] = field(default_factory=list)
+    cache_dir: str = ""
 
     def describes(self, entry: MountEntry) -> bool:
         return (self.mount_id, self.device, self.mountpoint) == (
@@ -168,7 +176,13 @@ def read_record(entry: MountEntry) -> MountRecord | None:
     return record if record.describes(entry) else None
 
 
-def write_record(source: str, mountpoint: str) -> Path:
+def write_record(
+    source: str,
+    mountpoint: str,
+    *,
+    lazy_layers: list[list[str | int]] | None = None,
+    cache_dir: str = "",
+) -> Path:
     """Record the calling process as the daemon of the imagefs mount at ``mountpoint``.
 
     ``mountpoint`` must be resolved *before* mounting: resolving it now would
@@ -182,7 +196,8 @@ def write_record(source: str, mountpoint: str) -> Path:
     start_time = process_start_time(pid)
     if start_time is None:
         raise OSError(f"cannot read /proc/{pid}/stat")
-    record = MountRecord(pid, start_time, source, mountpoint, entry.mount_id, entry.device)
+    record = MountRecord(pid, start_time, source, mountpoint, entry.mount_id, entry.device,
+                         list(lazy_layers or []), cache_dir)  # fmt: skip
     directory = _private_dir(runtime_dir(os.geteuid()))
     path = directory / f"{entry.mount_id}.json"
     temporary = path.with_suffix(f".{pid}.tmp")
@@ -206,6 +221,21 @@ class LiveMount:
     state: str  # "live", "stale" (the daemon is gone) or "unknown"
     uid: int | None
     options: list[str]
+    # Per lazy layer: digest, size and how many of its bytes are local now.
+    lazy_layers: list[dict[str, str | int]] = field(default_factory=list)
+
+
+def _lazy_state(record: MountRecord) -> list[dict[str, str | int]]:
+    """What the cache holds of each lazy layer of a mount, measured now."""
+    found: list[dict[str, str | int]] = []
+    for item in record.lazy_layers:
+        try:
+            digest, size = Digest(str(item[0])), int(item[1])
+        except (InvalidDigestError, IndexError, ValueError, TypeError):
+            continue  # someone else's record format: nothing to say
+        local = layer_local_bytes(record.cache_dir, digest, size) if record.cache_dir else 0
+        found.append({"digest": str(digest), "size": size, "local_bytes": local})
+    return found
 
 
 def list_mounts(entries: list[MountEntry] | None = None) -> list[LiveMount]:
@@ -222,7 +252,8 @@ def list_mounts(entries: list[MountEntry] | None = None) -> list[LiveMount]:
         else:
             pid, state, source = record.pid, "stale", record.source
         options = sorted(entry.options | {k for k, v in entry.super_options.items() if not v})
-        mounts.append(LiveMount(entry.mountpoint, source, pid, state, entry.uid, options))
+        lazy = _lazy_state(record) if record is not None and state == "live" else []
+        mounts.append(LiveMount(entry.mountpoint, source, pid, state, entry.uid, options, lazy))
     return mounts
 
 
@@ -243,6 +274,11 @@ def format_table(mounts: list[LiveMount]) -> str:
         if mount.state == "stale":
             hint = f"imagefs umount {mount.mountpoint}"
             notes[len(rows) - 1] = f"  (stale: the daemon is gone; run '{hint}')"
+        if mount.lazy_layers:
+            local = sum(int(layer["local_bytes"]) for layer in mount.lazy_layers)
+            size = sum(int(layer["size"]) for layer in mount.lazy_layers)
+            note = f"  (lazy: {len(mount.lazy_layers)} layers, {human_bytes(local)} of "
+            notes[len(rows) - 1] = note + f"{human_bytes(size)} local)"
     widths = [max(len(row[column]) for row in rows) for column in range(2)]
     lines = []
     for number, (mountpoint, pid, source) in enumerate(rows):

@@ -18,6 +18,8 @@ from imagefs.errors import ImageFSError
 from imagefs.forensics.history import HistoryEntry, image_history
 from imagefs.image import Image, Layer
 from imagefs.layers.reader import Compression, detect_compression, open_layer_stream
+from imagefs.layers.toc.blob import toc_format
+from imagefs.layers.toc.lazy import lazy_candidate
 from imagefs.progress import Progress
 from imagefs.tree.overlay import AUFS_META_PREFIX, OPAQUE_MARKER, WHITEOUT_PREFIX
 
@@ -36,6 +38,11 @@ class LayerStats:
     entries: int  # every tar member, whiteouts included (what tar -tf lists)
     whiteouts: int  # .wh.NAME members
     opaque_whiteouts: int  # .wh..wh..opq members
+    # The layer's table of contents ("eStargz", "zstd:chunked") or None, and
+    # whether a registry mount reads it lazily (its annotations name the
+    # TOC's digest, imagefs.layers.toc.lazy.lazy_candidate).
+    toc: str | None = None
+    lazy: bool = False
 
 
 def scan_layer_stats(
@@ -79,6 +86,8 @@ def scan_layer_stats(
         entries=entries,
         whiteouts=whiteouts,
         opaque_whiteouts=opaque,
+        toc=toc.value if (toc := toc_format(layer)) is not None else None,
+        lazy=toc is not None and lazy_candidate(layer),
     )
 
 
@@ -173,6 +182,8 @@ def _layer_line(layer: dict[str, Any]) -> str:
         f"{layer['compressed_size']} bytes ({layer['uncompressed_size']} uncompressed), "
         f"{layer['entries']} entries, {layer['whiteouts']} whiteouts, "
         f"{layer['opaque_whiteouts']} opaque"
+        + (f", {layer['toc']} TOC" if layer.get("toc") else "")
+        + (" (a registry mount reads it lazily)" if layer.get("lazy") else "")
     )
 
 

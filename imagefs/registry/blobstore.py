@@ -212,6 +212,18 @@ class BlobStore:
                 removed = _remove_if_unlocked(entry.path)
                 if removed is not None:
                     files, size = files + 1, size + removed
+        # A lazy layer's verified chunks (layers.toc.chunkstore): a directory per
+        # layer, "<alg>-<hex>.<version tag>", gone with its layer.
+        chunks = self.root / "chunks"
+        if chunks.is_dir():
+            for entry in os.scandir(chunks):
+                m = _LAYER_FILE_RE.match(entry.name)
+                if m is None or not entry.is_dir(follow_symlinks=False):
+                    continue
+                if f"{m.group(1)}:{m.group(2)}" in keep and m.group(3) in current:
+                    continue
+                removed, removed_size = _remove_tree(entry.path)
+                files, size = files + removed, size + removed_size
         # Merged trees (tree.persisted.tree_path) of images with a layer no longer
         # kept, or that cannot be read: derived data, rebuilt on the next
         # mount. A mount serving one keeps its mapping of the removed file.
@@ -229,6 +241,21 @@ class BlobStore:
                     os.unlink(entry.path)
                     files, size = files + 1, size + entry_size
         return PruneResult(files, size)
+
+
+def _remove_tree(path: str) -> tuple[int, int]:
+    """Remove a directory of plain files (a chunk store); ``(files, bytes)`` removed."""
+    files = size = 0
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    entry_size = entry.stat(follow_symlinks=False).st_size
+                    os.unlink(entry.path)
+                    files, size = files + 1, size + entry_size
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+    return files, size
 
 
 def _remove_if_unlocked(path: str) -> int | None:

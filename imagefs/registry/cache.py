@@ -42,7 +42,9 @@ def reachable(store: BlobStore, digest: Digest) -> tuple[set[Digest], bool]:
             continue
         parts = [document.config, *document.layers]
         present = [d.digest for d in parts if store.has(d.digest, d.size)]
-        seen.update(present)
+        # Every layer, cached or not: a lazy layer has no blob here, only its
+        # TOC and chunks (layers.toc.lazy), which prune keeps by its digest.
+        seen.update(d.digest for d in parts)
         complete = complete or len(present) == len(parts)
     return seen, complete
 

@@ -8,7 +8,9 @@ password comes from stdin (``--password-stdin``) or an auth file.
 from __future__ import annotations
 
 import argparse
+import enum
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from imagefs.cachedir import default_cache_dir, ensure_cache_dir
@@ -19,7 +21,7 @@ from imagefs.registry import is_registry_source
 from imagefs.registry.auth import Credentials
 from imagefs.registry.blobstore import BlobStore
 from imagefs.registry.cache import list_cache, prune_cache
-from imagefs.registry.config import RegistryOptions
+from imagefs.registry.config import LazyMode, PrefetchMode, RegistryOptions
 from imagefs.sources import parse_platform
 
 
@@ -52,6 +54,40 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--registries-config", type=Path, metavar="FILE", help="mirrors/insecure config (JSON)"
+    )
+
+
+def _choice(kind: type[enum.Enum]) -> Callable[[str], enum.Enum]:
+    """An argparse type for one of ``kind``'s values (so ``-o lazy=...`` is checked too)."""
+    names = ", ".join(str(member.value) for member in kind)
+
+    def parse(text: str) -> enum.Enum:
+        try:
+            return kind(text.lower())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {names}") from None
+
+    return parse
+
+
+def add_lazy_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--lazy`` and ``--prefetch`` (``imagefs mount`` only: a pull fetches everything)."""
+    group = parser.add_argument_group("lazy registry mounts (eStargz, zstd:chunked)")
+    group.add_argument(
+        "--lazy",
+        type=_choice(LazyMode),
+        default=LazyMode.AUTO,
+        metavar="auto|never",
+        help="auto: mount layers with a TOC from their TOCs, fetching file data as it is "
+        "read (default); never: download every layer first",
+    )
+    group.add_argument(
+        "--prefetch",
+        type=_choice(PrefetchMode),
+        default=PrefetchMode.LANDMARK,
+        metavar="landmark|all|none",
+        help="what a lazy mount fetches in the background once live: the eStargz "
+        "prioritised files (default), those and then every lazy layer whole, or nothing",
     )
 
 

@@ -21,6 +21,7 @@ Command-line mirrors come before the file's.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,21 @@ if TYPE_CHECKING:  # the client pulls in requests: only load it to talk to a reg
 
 CONFIG_ENV = "IMAGEFS_REGISTRIES_CONFIG"
 SYSTEM_CONFIG = Path("/etc/imagefs/registries.json")
+
+
+class LazyMode(enum.Enum):
+    """``--lazy``: mount TOC layers lazily where possible (auto), or download all (never)."""
+
+    AUTO = "auto"
+    NEVER = "never"
+
+
+class PrefetchMode(enum.Enum):
+    """``--prefetch``: what a lazy mount fetches in the background once live."""
+
+    LANDMARK = "landmark"  # the eStargz prioritised files
+    ALL = "all"  # those, then every lazy blob whole (digest checked; fully local)
+    NONE = "none"
 
 
 @dataclass(frozen=True)

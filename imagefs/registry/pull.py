@@ -201,7 +201,36 @@ class RegistrySource:
         progress: DownloadProgress | None = None,
     ) -> tuple[Image, Downloads]:
         """The image, its missing layers downloading in the background (close the Downloads)."""
-        resolved = self.resolve(ref, platform)
+        return self.open_resolved(source, ref, self.resolve(ref, platform), progress)
+
+    def layers_of(self, ref: Reference, resolved: Resolved) -> list[Layer]:
+        """The resolved image's layers, each as a range of its (perhaps absent) cache file."""
+        where = f"{resolved.reference.repository}@{resolved.config_digest}"
+        config = parse_config(resolved.config, where)
+        layers_desc = resolved.manifest.layers
+        if config.diff_ids and len(config.diff_ids) != len(layers_desc):
+            raise ManifestError(
+                f"{ref}: manifest has {len(layers_desc)} layers, config {len(config.diff_ids)}"
+            )
+        return [
+            Layer(desc, BlobRange(str(self.store.blob_path(desc.digest)), 0, desc.size),
+                  config.diff_ids[i] if config.diff_ids else None)
+            for i, desc in enumerate(layers_desc)
+        ]  # fmt: skip
+
+    def open_resolved(
+        self,
+        source: str,
+        ref: Reference,
+        resolved: Resolved,
+        progress: DownloadProgress | None = None,
+        lazy: frozenset[int] = frozenset(),
+    ) -> tuple[Image, Downloads]:
+        """Like :meth:`open`; the layers ``lazy`` (indexes) are neither fetched nor required.
+
+        Those are left as ranges of their absent cache files: a lazy registry
+        mount (imagefs.registry.lazy) reads them with Range requests instead.
+        """
         where = f"{resolved.reference.repository}@{resolved.config_digest}"
         config = parse_config(resolved.config, where)
         layers_desc = resolved.manifest.layers
@@ -214,7 +243,7 @@ class RegistrySource:
         try:
             for i, desc in enumerate(layers_desc):
                 path = str(self.store.blob_path(desc.digest))
-                if self.store.has(desc.digest, desc.size):
+                if self.store.has(desc.digest, desc.size) or i in lazy:
                     blob = BlobRange(path, 0, desc.size)
                 elif self.options.offline:
                     raise NotCachedError(f"{ref}: layer {desc.digest} is not in the cache")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from imagefs.cachedir import build_lock
 from imagefs.errors import ImageFSError
-from imagefs.image import Image, Layer
+from imagefs.image import Descriptor, Image, Layer
 from imagefs.layers import index as layer_index
 from imagefs.layers.entry import TarEntry
 from imagefs.layers.plumbing import DigestCheck
@@ -49,14 +49,26 @@ _PROGRESS_EVERY = 512  # entries between progress updates
 TreeBuilder = Callable[[Sequence[Sequence[TarEntry]], Callable[[str], None]], Node]
 
 
+# Opens a reader for layer ``index`` some other way than open_layer_data (a
+# lazy registry layer, imagefs.registry.lazy); None: the ordinary way.
+LayerOpener = Callable[[int, Layer], "LayerData | None"]
+
+
 @dataclass
 class LoadedImage:
-    """An image ready to serve. Owns the layer readers: call :meth:`close`."""
+    """An image ready to serve. Owns the layer readers: call :meth:`close`.
+
+    ``on_live``: what to start once the mount is live (a lazy registry
+    image's background prefetch); ``lazy_layers``: the descriptors of the
+    layers served by Range requests, for ``imagefs mounts``.
+    """
 
     image: Image
     tree: Tree
     content: ContentReader
     _resources: ExitStack = field(repr=False)
+    on_live: Callable[[], None] | None = None
+    lazy_layers: tuple[Descriptor, ...] = ()
 
     def close(self) -> None:
         self._resources.close()
@@ -167,8 +179,12 @@ def scan_layers(
     warn: Callable[[str], None],
     progress: Progress,
     cache_dir: Path | None,
+    known: Mapping[int, Sequence[TarEntry]] | None = None,
 ) -> list[list[TarEntry]]:
     """Index every layer (blocking); the entries per layer, base first.
+
+    ``known``: entries of layers indexed elsewhere (a lazy registry layer's
+    TOC, imagefs.registry.lazy), by layer index; those are not read here.
 
     Layers are scanned at once, a few threads' worth. A registry downloads
     all layers in parallel, so scanning them in turn would leave the base
@@ -178,9 +194,12 @@ def scan_layers(
     fail stops the others; its error is raised.
     """
     count = len(image.layers)
+    known = known or {}
     # Each layer's compression is sniffed once here (one open and pread) and
     # handed down to the hash-ahead, the decode gate and the scan.
-    compressions = [_compression(layer) for layer in image.layers]
+    compressions = [
+        None if index in known else _compression(layer) for index, layer in enumerate(image.layers)
+    ]
     # Layers another image already indexed are verified by layer_index.load.
     ahead = [
         compression
@@ -201,6 +220,8 @@ def scan_layers(
         def scan(index: int) -> list[TarEntry]:
             if stop.is_set():
                 raise _ScanStoppedError
+            if index in known:
+                return list(known[index])
             layer, compression = image.layers[index], compressions[index]
             # A TOC layer is indexed from its TOC, with one hash and no decoder.
             local_decode = (
@@ -254,27 +275,41 @@ def load_image(
     warn: Callable[[str], None] | None = None,
     progress: Progress | None = None,
     build: TreeBuilder = merge_layers,
+    known: Mapping[int, Sequence[TarEntry]] | None = None,
+    open_data: LayerOpener | None = None,
 ) -> LoadedImage:
     """Scan and merge ``image``'s layers and open them for reading (blocking).
 
-    ``build`` makes the tree from the layers' entries (default: the merge).
+    ``build`` makes the tree from the layers' entries (default: the merge);
+    ``known`` and ``open_data``: layers indexed and read another way (see
+    :func:`scan_layers`, :func:`with_readers`).
     """
     warn = warn or log.warning
     progress = progress or Progress(False)
-    layer_entries = scan_layers(image, warn=warn, progress=progress, cache_dir=cache_dir)
+    layer_entries = scan_layers(
+        image, warn=warn, progress=progress, cache_dir=cache_dir, known=known
+    )
     tree = freeze(build(layer_entries, warn))
     del layer_entries
-    return with_readers(image, tree, cache_dir, ExitStack())
+    return with_readers(image, tree, cache_dir, ExitStack(), open_data)
 
 
 def with_readers(
-    image: Image, tree: Tree, cache_dir: Path | None, resources: ExitStack
+    image: Image,
+    tree: Tree,
+    cache_dir: Path | None,
+    resources: ExitStack,
+    open_data: LayerOpener | None = None,
 ) -> LoadedImage:
-    """Open a random-access reader per layer; ``resources`` will close them."""
+    """Open a random-access reader per layer; ``resources`` will close them.
+
+    ``open_data`` may open some layers itself (a lazy registry layer).
+    """
     try:
         readers: list[LayerData] = []
-        for layer in image.layers:
-            reader = open_layer_data(layer, str(cache_dir) if cache_dir else None)
+        for index, layer in enumerate(image.layers):
+            opened = open_data(index, layer) if open_data is not None else None
+            reader = opened or open_layer_data(layer, str(cache_dir) if cache_dir else None)
             resources.callback(reader.close)
             readers.append(reader)
     except BaseException:

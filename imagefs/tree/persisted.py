@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from imagefs.tree.packed import PackedTree, open_packed_tree, write_packed_root
 log = logging.getLogger(__name__)
 
 
-def tree_sources(image: Image) -> dict[str, Any]:
+def tree_sources(image: Image, lazy: Mapping[int, str] | None = None) -> dict[str, Any]:
     """What a persisted tree depends on; any change makes it stale.
 
     Layer digests name the content; the identity of each local blob file
@@ -47,8 +47,16 @@ def tree_sources(image: Image) -> dict[str, Any]:
     annotations: an eStargz or zstd:chunked TOC is checked against the digest
     they give (layers.toc), so a tree built under other annotations must not
     let a mount skip that check.
+
+    ``lazy``: for the layers mounted lazily from a registry (no blob file),
+    what names their TOC (imagefs.layers.toc.lazy.toc_key: its location and
+    the annotated digests it was checked against) instead of a file identity.
     """
-    blobs = [[layer.blob.path, *blob_identity(layer)] for layer in image.layers]
+    lazy = lazy or {}
+    blobs = [
+        ["lazy", lazy[index]] if index in lazy else [layer.blob.path, *blob_identity(layer)]
+        for index, layer in enumerate(image.layers)
+    ]
     return {
         "version": TREE.tag,
         "layers": [layer.descriptor.digest for layer in image.layers],

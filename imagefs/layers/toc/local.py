@@ -38,10 +38,8 @@ its reads land in the right place.
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -57,6 +55,7 @@ from imagefs.layers.toc.bookkeeping import mark_bookkeeping
 from imagefs.layers.toc.chunks import decode_chunk_from
 from imagefs.layers.toc.limits import NotServable
 from imagefs.layers.toc.locate import TocLocation
+from imagefs.layers.toc.memcache import CHUNK_CACHE_BYTES, DECODED, new_owner, set_chunk_cache_bytes
 from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, TocFormat
 from imagefs.layers.toc.read import read_toc
 from imagefs.layers.toc.table import ChunkTable
@@ -71,10 +70,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Decoded chunks kept in memory, over all layers (imagefs mount
-# --decoded-cache sets it, with the other decoded caches): a 128 KiB FUSE read
-# of a big file then decodes each 4 MiB eStargz chunk once, not 32 times.
-CHUNK_CACHE_BYTES = 32 << 20
 _FIRST_READ_SLACK = 4096  # compressed bytes beyond the chunk's size read at once
 _READ_PIECE = 1 << 20
 _NAMES_KEPT = 256  # file names remembered for messages about failed chunks
@@ -195,49 +190,6 @@ def scan_toc_layer(
 # -- reading ----------------------------------------------------------------------------
 
 
-class _ChunkCache:
-    """Process-wide LRU of decoded, verified chunks, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._chunks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple[int, int]) -> bytes | None:
-        with self._lock:
-            data = self._chunks.get(key)
-            if data is not None:
-                self._chunks.move_to_end(key)
-            return data
-
-    def put(self, key: tuple[int, int], data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        with self._lock:
-            old = self._chunks.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old)
-            self._chunks[key] = data
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes:
-                self._bytes -= len(self._chunks.popitem(last=False)[1])
-
-    def drop(self, owner: int) -> None:
-        with self._lock:
-            for key in [k for k in self._chunks if k[0] == owner]:
-                self._bytes -= len(self._chunks.pop(key))
-
-
-_CHUNK_CACHE = _ChunkCache(CHUNK_CACHE_BYTES)
-_OWNER_IDS = itertools.count(1)
-
-
-def set_chunk_cache_bytes(max_bytes: int) -> None:
-    """Bound the decoded-chunk LRU (process-wide); extra chunks go at the next put."""
-    _CHUNK_CACHE.max_bytes = max_bytes
-
-
 class TocLayerData:
     """Random access to a TOC layer (thread-safe; a LayerData).
 
@@ -265,7 +217,7 @@ class TocLayerData:
         self._where = f"layer {layer.descriptor.digest}"
         self._lock = threading.Lock()
         self._in_use = InUse()
-        self._owner = next(_OWNER_IDS)
+        self._owner = new_owner()
         self._table: ChunkTable | None = None
         self._table_error: ImageFSError | None = None
         self._stream: RandomAccess | None = None
@@ -339,7 +291,7 @@ class TocLayerData:
 
     def _decoded(self, table: ChunkTable, index: int) -> bytes:
         key = (self._owner, index)
-        data = _CHUNK_CACHE.get(key)
+        data = DECODED.get(key)
         if data is not None:
             return data
         chunk = table.chunk(index)
@@ -354,7 +306,7 @@ class TocLayerData:
             "layer %s: decoded a chunk: %d bytes from %d compressed at blob offset %d",
             _short(self._layer), chunk.size, chunk.length, chunk.offset,
         )  # fmt: skip
-        _CHUNK_CACHE.put(key, data)
+        DECODED.put(key, data)
         return data
 
     def _read_toc_space(self, start: int, size: int) -> bytes:
@@ -388,7 +340,7 @@ class TocLayerData:
     def close(self) -> None:
         if not self._in_use.close():
             return
-        _CHUNK_CACHE.drop(self._owner)
+        DECODED.drop(self._owner)
         if self._stream is not None:
             self._stream.close()
         self._blob.close()
