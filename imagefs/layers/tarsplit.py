@@ -116,16 +116,7 @@ def read_records(fd: int, where: str, *, payloads: bool = True) -> Iterator[Segm
     """
     seen: set[bytes] = set()
     count = 0
-    number = 0
-    loads = json.loads
-    for line in _lines(fd, where):
-        number += 1
-        try:
-            obj = loads(line)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            if not line.strip():
-                continue  # json.Decoder skips whitespace between values
-            raise TarSplitError(f"{where}: line {number}: not a JSON entry: {exc}") from None
+    for number, obj in _objects(fd, where):
         if count >= MAX_ENTRIES:
             raise TarSplitError(f"{where}: more than {MAX_ENTRIES} entries")
         # The fast path: exactly what the packer writes (a dict, int type and
@@ -152,6 +143,36 @@ def read_records(fd: int, where: str, *, payloads: bool = True) -> Iterator[Segm
         yield record
 
 
+def _objects(fd: int, where: str) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed JSON value)`` of every non-blank line.
+
+    Each block of lines is parsed with one ``json.loads`` of them as an
+    array (the C parser once per block, not once per line: 3x faster on a
+    layer of 34k files, where per-line parsing was most of a warm mount);
+    a block that does not parse is parsed line by line for the line's error.
+    """
+    loads = json.loads
+    number = 0
+    for block in _lines(fd, where):
+        first = number + 1
+        number += len(block)
+        kept = [(first + i, line) for i, line in enumerate(block) if line.strip()]
+        if not kept:
+            continue
+        try:
+            values = loads(b"[" + b",".join(line for _, line in kept) + b"]")
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            values = None
+        if isinstance(values, list) and len(values) == len(kept):
+            yield from zip((at for at, _ in kept), values, strict=True)
+            continue
+        for at, line in kept:
+            try:
+                yield at, loads(line)
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise TarSplitError(f"{where}: line {at}: not a JSON entry: {exc}") from None
+
+
 def _segment(payload: str, decode: bool, where: str) -> Segment:
     if decode:
         try:
@@ -165,8 +186,9 @@ def _segment(payload: str, decode: bool, where: str) -> Segment:
     return Segment(b"", len(payload) // 4 * 3 - payload[-2:].count("="))
 
 
-def _lines(fd: int, where: str) -> Iterator[bytes]:
-    """Decompressed lines, each at most MAX_LINE bytes (gzip members may follow each other)."""
+def _lines(fd: int, where: str) -> Iterator[list[bytes]]:
+    """Decompressed lines, in blocks, each at most MAX_LINE bytes (gzip members may follow
+    each other)."""
     decoder = zlib.decompressobj(wbits=31)
     in_member = False  # a gzip member started and not finished
     pending = b""
@@ -198,13 +220,14 @@ def _lines(fd: int, where: str) -> Iterator[bytes]:
             # pending grows by at most _READ_CHUNK between checks: bounded memory.
             if len(pending) > MAX_LINE or any(len(line) > MAX_LINE for line in complete):
                 raise TarSplitError(f"{where}: a line longer than {MAX_LINE} bytes")
-            yield from complete
+            if complete:
+                yield complete
     if in_member:
         raise CompressionError(f"{where}: gzip stream is truncated")
     if total == 0:
         raise TarSplitError(f"{where}: no records")
     if pending.strip():
-        yield pending
+        yield [pending]
 
 
 def _parse(obj: object, index: int, where: str) -> Segment | FileRecord:
