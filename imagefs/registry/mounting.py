@@ -27,8 +27,10 @@ from imagefs.reference import Reference, parse_reference
 from imagefs.registry.config import LazyMode, PrefetchMode, RegistryOptions
 from imagefs.registry.lazy import LazyImage
 from imagefs.registry.pull import RegistrySource, Resolved, without_feeds
-from imagefs.tree.loader import LoadedImage, load_image, with_readers
-from imagefs.tree.packed import PackedTree, open_packed_tree, write_packed_tree
+from imagefs.tree.loader import LoadedImage, load_image, scan_layers, with_readers
+from imagefs.tree.merged import freeze
+from imagefs.tree.overlay import merge_layers
+from imagefs.tree.packed import PackedTree, open_packed_tree, write_packed_root, write_packed_tree
 from imagefs.tree.persisted import load_cached, tree_path, tree_sources
 
 log = logging.getLogger(__name__)
@@ -131,24 +133,30 @@ def _load_lazy(
     known = lazy_image.entries(warn)  # may drop a layer whose TOC cannot be served
     image, downloads = registry.open_resolved(source, ref, resolved, lazy=frozenset(known))
     stack.callback(downloads.close)
-    loaded = load_image(image, cache_dir=cache_dir, warn=warn, progress=progress, known=known,
-                        open_data=lazy_image.open_data)  # fmt: skip
+    layer_entries = scan_layers(image, warn=warn, progress=progress, cache_dir=cache_dir,
+                                known=known)  # fmt: skip
     del known
+    # Packed straight from the merge (write_packed_root), as a first local
+    # mount's build is: freezing an in-memory tree first only to pack it cost
+    # a fifth of the time to live of a 34k-entry image.
+    root = merge_layers(layer_entries, warn)
+    del layer_entries
+    downloads.wait()
+    image = without_feeds(image)
+    path = tree_path(cache_dir, image)
+    sources = tree_sources(image, lazy_image.identities())
     try:
-        downloads.wait()
-        image = without_feeds(image)
-        path = tree_path(cache_dir, image)
-        sources = tree_sources(image, lazy_image.identities())
-        write_packed_tree(loaded.tree, path, sources)
+        write_packed_root(root, path, sources)
         tree = open_packed_tree(path, sources)
         if tree is None:
             raise ImageFSError(f"the index written to {path} cannot be read back")
     except (ImageFSError, OSError) as exc:
         log.warning("cannot persist the index of %s: %s", source, exc)
+        loaded = with_readers(image, freeze(root), cache_dir, ExitStack(), lazy_image.open_data)
         loaded.on_live = lazy_image.start
         loaded.lazy_layers = tuple(lazy_image.layers[i].descriptor for i in sorted(lazy_image.tocs))
         return image, loaded
-    loaded.close()
+    del root
     return image, _lazy_loaded(image, tree, cache_dir, lazy_image)
 
 
