@@ -42,6 +42,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from tests import builder
+from tests.engines import run
 
 _TYPES = {
     stat.S_IFREG: "file",
@@ -109,7 +110,7 @@ def umoci_unpack(layout: Path, tag: str, dest: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="gzip-", dir=dest.parent) as tmp:
         if set(builder.layer_compressions(layout, tag)) != {"gzip"}:
             layout = builder.to_gzip_layout(layout, tag, Path(tmp, "layout"))
-        result = builder.run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(dest)])
+        result = run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(dest)])
     warnings = result.stderr.decode(errors="replace").strip()
     if warnings:
         raise RuntimeError(f"umoci unpack {layout}:{tag} warned, so it is no oracle: {warnings}")
@@ -226,6 +227,66 @@ def _sha256(full: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- unchanged
+
+# (mode, size, mtime_ns, ctime_ns, inode, sha256 of a file / a symlink's target / "")
+State = tuple[int, int, int, int, int, str]
+
+
+def tree_state(root: Path, *, contents: bool = True) -> dict[str, State]:
+    """Every path under ``root`` (``""`` is ``root``), never following a symlink.
+
+    What reading a store must leave alone (nobody but the clock sets a
+    ctime), and what a test session must leave alone on the host. Without
+    ``contents`` files are not read (the ctime and mtime still show a write).
+    Empty if ``root`` does not exist; a directory that vanishes meanwhile is
+    skipped (another process may be changing the tree).
+    """
+    state: dict[str, State] = {}
+    try:
+        state[""] = _state(root, os.lstat(root), contents)
+    except FileNotFoundError:
+        return state
+    pending = [""] if stat.S_ISDIR(state[""][0]) else []
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(root / directory if directory else root) as entries:
+                found = [(entry.name, entry.stat(follow_symlinks=False)) for entry in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name, st in found:
+            path = f"{directory}/{name}" if directory else name
+            try:
+                state[path] = _state(root / path, st, contents)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(path)
+    return state
+
+
+def _state(full: Path, st: os.stat_result, contents: bool) -> State:
+    what = ""
+    if stat.S_ISLNK(st.st_mode):
+        what = os.readlink(full)
+    elif contents and stat.S_ISREG(st.st_mode):
+        what = _sha256(full)
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, what)
+
+
+def state_changes(before: dict[str, State], after: dict[str, State]) -> list[str]:
+    """What differs between two :func:`tree_state` results, one line per path."""
+    changes = [f"removed {path or '.'}" for path in sorted(before.keys() - after.keys())]
+    changes += [f"added {path or '.'}" for path in sorted(after.keys() - before.keys())]
+    changes += [
+        f"changed {path or '.'}"
+        for path in sorted(before.keys() & after.keys())
+        if before[path] != after[path]
+    ]
+    return changes
 
 
 # --------------------------------------------------------------------------- compare
