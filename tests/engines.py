@@ -24,8 +24,7 @@ why each choice was made:
   temporary directory. Engines write outside the roots they are given:
   dockerd 20.10 creates ``/etc/docker/key.json`` and ``/run/docker/plugins``
   whatever its flags say; podman and skopeo, as root, keep a blob-info cache
-  in ``/var/lib/containers/cache``; containers-storage bind-mounts its
-  overlay home onto itself and containerd's overlayfs snapshotter
+  in ``/var/lib/containers/cache``; containerd's overlayfs snapshotter
   test-mounts below its root. In the namespace all of that lands in the
   temporary directory, and every mount an engine makes disappears with the
   namespace when its last process exits: nothing is ever left mounted on
