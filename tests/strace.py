@@ -83,19 +83,24 @@ class Call:
         return self.result.startswith("-1 ")
 
 
-def read_calls(prefix: Path) -> list[Call]:
-    """Every traced call in the logs ``PREFIX.<pid>`` (strace ``-ff -o PREFIX``)."""
+def read_calls(prefix: Path, cwd: Path | None = None) -> list[Call]:
+    """Every traced call in the logs ``PREFIX.<pid>`` (strace ``-ff -o PREFIX``).
+
+    ``cwd`` is where a relative path of a call without a directory descriptor
+    (``stat``, ``access``...) is taken to start: the traced processes' working
+    directory, if the caller knows it (and checks that no ``chdir`` changed it).
+    """
     calls: list[Call] = []
     for log in sorted(prefix.parent.glob(prefix.name + ".*")):
         pid = int(log.suffix[1:])
         for line in log.read_text(errors="surrogateescape").splitlines():
-            call = parse(pid, line)
+            call = parse(pid, line, None if cwd is None else str(cwd))
             if call is not None:
                 calls.append(call)
     return calls
 
 
-def parse(pid: int, line: str) -> Call | None:
+def parse(pid: int, line: str, cwd: str | None = None) -> Call | None:
     """One log line; None for what is no complete call (signals, exits)."""
     match = re.match(r"^([a-z_0-9]+)\(", line)
     if match is None:
@@ -105,7 +110,7 @@ def parse(pid: int, line: str) -> Call | None:
         return None
     result = line[end:].partition(" = ")[2]
     name = match.group(1)
-    return Call(pid, name, tuple(args), result, tuple(_lookups(name, args)), line)
+    return Call(pid, name, tuple(args), result, tuple(_lookups(name, args, cwd)), line)
 
 
 def _split_args(line: str, start: int) -> tuple[list[str], int | None]:
@@ -180,8 +185,7 @@ def _string(arg: str) -> str | None:
     return None
 
 
-def _lookups(name: str, args: list[str]) -> Iterator[Lookup]:
-    cwd: str | None = None
+def _lookups(name: str, args: list[str], cwd: str | None) -> Iterator[Lookup]:
     for arg in args:  # any AT_FDCWD<...> shows the cwd
         if arg.startswith("AT_FDCWD<") and (match := DESCRIPTOR.match(arg)):
             cwd = decode(match.group(1))
