@@ -52,12 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.throttleproxy import ThrottleProxy  # noqa: E402
 from tests import builder  # noqa: E402
+from tests.engines import Containerd  # noqa: E402
+from tests.oracle import toc_json  # noqa: E402
+from tests.producers import ctr_remote_convert  # noqa: E402
 from tests.registry import Registry  # noqa: E402
-
-try:  # tests.engines takes these over in another branch
-    from tests import toc_producers as producers
-except ImportError:  # pragma: no cover
-    from tests import engines as producers  # type: ignore[no-redef]
 
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 RAPIDGZIP = str(ROOT / ".venv" / "bin" / "rapidgzip")
@@ -145,7 +143,7 @@ def decompress_floor(blobs: list[Path]) -> float:
 
 def _member_bytes(blob: bytes, name: str) -> int:
     """Compressed bytes of the members holding ``name``'s chunks, from the TOC."""
-    entries = producers.toc_json(blob)["entries"]
+    entries = toc_json(blob)["entries"]
     offsets = sorted({e["offset"] for e in entries if e.get("offset")})
     total = 0
     for entry in entries:
@@ -210,13 +208,12 @@ def lazy_run(
 
 def lazy_bench(registry: Registry, plain_ref: str, work: Path) -> dict[str, dict[str, float]]:
     """Convert, then measure lazy and full mounts of each format on both links."""
-    containerd = producers.Containerd(work / "containerd")
+    containerd = Containerd(work / "containerd").start()
     try:
         started = time.perf_counter()
-        convert = producers.ctr_remote_convert
         refs = {
-            "eStargz": convert(containerd, registry, plain_ref, "estargz", "esgz"),
-            "zstd:chunked": convert(containerd, registry, plain_ref, "zstdchunked", "zstdc"),
+            "eStargz": ctr_remote_convert(containerd, plain_ref, "estargz", "esgz"),
+            "zstd:chunked": ctr_remote_convert(containerd, plain_ref, "zstdchunked", "zstdc"),
         }
         print(f"converted with ctr-remote in {time.perf_counter() - started:.1f} s", flush=True)
     finally:

@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import zstandard
+
+from tests.engines import Skopeo, run
 
 Kind = Literal["file", "dir", "symlink", "hardlink", "char", "block", "fifo"]
 TarFormat = Literal["pax", "gnu", "ustar"]
@@ -535,9 +536,8 @@ def _wait_past_rounded_mtimes() -> None:
 
 
 def skopeo_copy(source: str, dest: str, *extra: str) -> None:
-    # --insecure-policy: the images are local and made by us; do not depend on
-    # the host's /etc/containers/policy.json.
-    run(["skopeo", "--insecure-policy", "copy", "--quiet", *extra, source, dest])
+    """``skopeo copy``, hermetic (:class:`tests.engines.Skopeo`)."""
+    Skopeo().copy(source, dest, *extra)
 
 
 def to_gzip_layout(layout: Path, tag: str, dest: Path) -> Path:
@@ -785,20 +785,3 @@ def write_outer_tar(dest_tar: Path, files: Iterable[tuple[str, bytes]], blob_mod
 def _config_platform(config: Mapping[str, Any]) -> dict[str, str]:
     platform = (config.get("os", ""), config.get("architecture", ""), config.get("variant", ""))
     return platform_object(platform)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def run(
-    command: Sequence[str], *, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    """Run a tool (with ``env`` added to ours); on failure raise with its stderr in the message."""
-    environ = {**os.environ, **env} if env is not None else None
-    result = subprocess.run(command, capture_output=True, check=False, env=environ)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command)}: exit {result.returncode}: "
-            + result.stderr.decode(errors="replace").strip()
-        )
-    return result

@@ -1,5 +1,6 @@
 """Session fixtures: the catalog images, built once, in every shape, with their oracles;
-the engines (tests.engines), each started once, and a registry feeding them.
+the engines (tests.engines), each started once, and a registry feeding them;
+and a check that the session left the host's engine paths alone.
 
 Building needs umoci and skopeo (Debian packages; missing ones skip, or fail
 under ``CI=true``, see tests.needs) and root (umoci keeps owners and device
@@ -10,15 +11,38 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.engines import Containerd, CtrRemote, Dockerd, Podman, Skopeo
+from tests.engines import PROTECTED_HOST_PATHS, Containerd, CtrRemote, Dockerd, Podman, Skopeo
 from tests.images import BuiltImage, Catalog, ShapesFor
 from tests.needs import require_tools
-from tests.oracle import Oracle
+from tests.oracle import Oracle, state_changes, tree_state
 from tests.producers import RegistryImages
 from tests.registry import Registry
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_engine_paths_untouched() -> Iterator[None]:
+    """Fail the run if any of tests.engines.PROTECTED_HOST_PATHS appeared or changed.
+
+    Every engine a test runs must write into its own temporary directories
+    (tests.engines); a regression (a tool run outside them, an engine writing
+    somewhere new) shows here, at the end of the session, as an error naming
+    the paths. Another process on the machine writing there meanwhile (an
+    engine of the host, another test session) trips it too.
+    """
+    before = {path: tree_state(Path(path), contents=False) for path in PROTECTED_HOST_PATHS}
+    yield
+    changes = []
+    for path in PROTECTED_HOST_PATHS:
+        after = tree_state(Path(path), contents=False)
+        changes += [f"{path}: {change}" for change in state_changes(before[path], after)]
+    if changes:
+        more = f"; and {len(changes) - 20} more" if len(changes) > 20 else ""
+        shown = "; ".join(changes[:20]) + more
+        pytest.fail(f"the test session wrote on the host: {shown}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +86,17 @@ def basic_oracle(catalog: Catalog) -> Oracle:
 @pytest.fixture(scope="session")
 def edge_oracle(catalog: Catalog) -> Oracle:
     return catalog.oracle("edge")
+
+
+@pytest.fixture(scope="session")
+def store_image(catalog: Catalog) -> BuiltImage:
+    """The image the host stores hold (tests.images ``store``)."""
+    return catalog.image("store")
+
+
+@pytest.fixture(scope="session")
+def store_oracle(catalog: Catalog) -> Oracle:
+    return catalog.oracle("store")
 
 
 # --------------------------------------------------------------------------- engines

@@ -14,6 +14,13 @@ Each ``build_*`` function writes one image into a fresh directory and returns
   mknod", "processing tar file(no such file or directory)"), and both refuse
   ``edge``'s duplicate paths ("duplicates of file paths not supported").
   containerd keeps any image in its content store without unpacking it.
+- ``store``: crafted for the host stores (podman's containers-storage and
+  Docker's overlay2, which keep layers extracted plus tar-split): whiteouts,
+  an opaque directory, hardlinks, xattrs, setuid/setgid/sticky modes,
+  devices, a FIFO, symlinks, PAX and GNU long names, UTF-8 names, sub-second
+  mtimes, a multi-MiB file, in three layers (PAX, GNU, PAX; gzip). No
+  duplicate paths (tar-split refuses them) and no sparse files (tar-split
+  rebuilds their expanded bytes, not the stored ones).
 
 Every image must be one that ``umoci unpack`` reproduces faithfully, so that
 tests can compare a mount with :mod:`tests.oracle`. Left out for that reason
@@ -336,12 +343,95 @@ def sparse_data() -> bytes:
     return bytes(data)
 
 
+# --------------------------------------------------------------------------- store
+
+STORE_TAG = "store"
+STORE_BIG_SIZE = 3 << 20
+
+
+def build_store(dest: Path) -> tuple[Path, str]:
+    """What the host-store engines can store, as a gzip OCI layout (see the module docstring)."""
+    layout = dest / "store"
+    builder.write_oci_layout(layout, store_layers(), compression="gzip", tag=STORE_TAG)
+    return layout, STORE_TAG
+
+
+def store_layers() -> list[bytes]:
+    """Three layers (PAX, GNU, PAX) exercising what the stores must keep."""
+    layer1 = [
+        directory("etc"),
+        file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+        file("etc/shadow", "root:*:19000::::::\n", mode=0o640, gid=42),
+        file("etc/obsolete", "deleted in layer 2\n"),
+        directory("opq", mtime_ns=1_100_000_000 * NS),
+        file("opq/lower", "hidden by layer 2's opaque marker"),
+        directory("opq/lowerdir"),
+        file("opq/lowerdir/x", "hidden too"),
+        directory("gone"),
+        file("gone/a", "whited out with its directory"),
+        directory("bin"),
+        file("bin/tool", "#!/bin/sh\necho tool\n", mode=0o755),
+        hardlink("bin/tool-link", "bin/tool", mode=0o755),
+        file("bin/suid", "setuid\n", mode=0o4755),
+        file("bin/sgid", "setgid\n", mode=0o2755),
+        directory("tmp", mode=0o1777),
+        directory("home"),
+        directory("home/user", uid=1000, gid=1000, mode=0o700),
+        file("home/user/notes", "owned by 1000\n", uid=1000, gid=1000, mode=0o600),
+        directory("xattr"),
+        file(
+            "xattr/file",
+            "with xattrs",
+            xattrs={"user.mime": b"text/plain", "trusted.flag": b"\x00\x01\xff"},
+        ),
+        directory("dev"),
+        Member("dev/null", "char", mode=0o666, devmajor=1, devminor=3),
+        Member("dev/loop7", "block", mode=0o660, gid=6, devmajor=7, devminor=7),
+        Member("dev/fifo", "fifo", mode=0o622),
+        directory("links"),
+        symlink("links/relative", "../etc/passwd"),
+        symlink("links/absolute", "/etc/shadow"),
+        directory("times", mtime_ns=1_234_567_890_123_456_789),
+        file("times/subsec", "sub-second mtime", mtime_ns=1_234_567_890_987_654_321),
+        directory("names"),
+        file("names/with space é ü 日本語", "UTF-8"),
+        directory("paxlong"),
+        directory("paxlong/" + "p" * 120),
+        file("paxlong/" + "p" * 120 + "/" + "q" * 150, "a PAX path record"),
+        file("empty", ""),
+    ]
+    layer2 = [
+        whiteout("etc/obsolete"),
+        whiteout("gone"),
+        opaque("opq"),
+        file("opq/after", "same layer as the opaque marker: stays"),
+        file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"),
+        directory("gnu"),
+        directory("gnu/" + "L" * 110),
+        file("gnu/" + "L" * 110 + "/" + "N" * 120, "GNU long name"),
+        symlink("gnu/longlink", "T" * 150),
+        directory("big"),
+        file("big/random.bin", random.Random(20261202).randbytes(STORE_BIG_SIZE), mode=0o600),
+    ]
+    layer3 = [
+        directory("etc/obsolete"),
+        file("etc/obsolete/back", "a directory where a file was whited out\n"),
+        file("bin/new", "added in layer 3\n", mode=0o755),
+    ]
+    return [
+        builder.make_layer_tar(layer1, format="pax"),
+        builder.make_layer_tar(layer2, format="gnu"),
+        builder.make_layer_tar(layer3, format="pax"),
+    ]
+
+
 # --------------------------------------------------------------------------- catalog
 
 BUILDERS: dict[str, Callable[[Path], tuple[Path, str]]] = {
     "basic": build_basic,
     "edge": build_edge,
     "portable": build_portable,
+    "store": build_store,
 }
 SHAPES = ("oci", "oci-archive", "docker-archive", "docker25", "containerd")
 

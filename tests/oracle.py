@@ -31,17 +31,24 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
+import struct
 import tarfile
 import tempfile
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
+
+import zstandard
 
 from tests import builder
+from tests.engines import run
 
 _TYPES = {
     stat.S_IFREG: "file",
@@ -109,7 +116,7 @@ def umoci_unpack(layout: Path, tag: str, dest: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="gzip-", dir=dest.parent) as tmp:
         if set(builder.layer_compressions(layout, tag)) != {"gzip"}:
             layout = builder.to_gzip_layout(layout, tag, Path(tmp, "layout"))
-        result = builder.run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(dest)])
+        result = run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(dest)])
     warnings = result.stderr.decode(errors="replace").strip()
     if warnings:
         raise RuntimeError(f"umoci unpack {layout}:{tag} warned, so it is no oracle: {warnings}")
@@ -228,6 +235,66 @@ def _sha256(full: Path) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- unchanged
+
+# (mode, size, mtime_ns, ctime_ns, inode, sha256 of a file / a symlink's target / "")
+State = tuple[int, int, int, int, int, str]
+
+
+def tree_state(root: Path, *, contents: bool = True) -> dict[str, State]:
+    """Every path under ``root`` (``""`` is ``root``), never following a symlink.
+
+    What reading a store must leave alone (nobody but the clock sets a
+    ctime), and what a test session must leave alone on the host. Without
+    ``contents`` files are not read (the ctime and mtime still show a write).
+    Empty if ``root`` does not exist; a directory that vanishes meanwhile is
+    skipped (another process may be changing the tree).
+    """
+    state: dict[str, State] = {}
+    try:
+        state[""] = _state(root, os.lstat(root), contents)
+    except FileNotFoundError:
+        return state
+    pending = [""] if stat.S_ISDIR(state[""][0]) else []
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(root / directory if directory else root) as entries:
+                found = [(entry.name, entry.stat(follow_symlinks=False)) for entry in entries]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name, st in found:
+            path = f"{directory}/{name}" if directory else name
+            try:
+                state[path] = _state(root / path, st, contents)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(path)
+    return state
+
+
+def _state(full: Path, st: os.stat_result, contents: bool) -> State:
+    what = ""
+    if stat.S_ISLNK(st.st_mode):
+        what = os.readlink(full)
+    elif contents and stat.S_ISREG(st.st_mode):
+        what = _sha256(full)
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, what)
+
+
+def state_changes(before: dict[str, State], after: dict[str, State]) -> list[str]:
+    """What differs between two :func:`tree_state` results, one line per path."""
+    changes = [f"removed {path or '.'}" for path in sorted(before.keys() - after.keys())]
+    changes += [f"added {path or '.'}" for path in sorted(after.keys() - before.keys())]
+    changes += [
+        f"changed {path or '.'}"
+        for path in sorted(before.keys() & after.keys())
+        if before[path] != after[path]
+    ]
+    return changes
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -282,3 +349,44 @@ def _format(name: str, value: object) -> str:
     if name == "xattrs" and isinstance(value, tuple):
         return "{" + ", ".join(f"{key}={val!r}" for key, val in value) + "}"
     return repr(value) if isinstance(value, str) else str(value)
+
+
+# -- eStargz and zstd:chunked TOCs, read without imagefs (zlib, zstandard, tarfile, json)
+
+
+def toc_json(blob: bytes) -> dict[str, Any]:
+    """The TOC of an eStargz or zstd:chunked blob, read without imagefs.
+
+    eStargz: the footer's hex offset, the gzip member there, the tar in it
+    (``tarfile``). zstd:chunked: the 40- or 64-byte footer in the last
+    skippable frame (offset, compressed length, uncompressed length).
+    """
+    if blob.startswith(b"\x1f\x8b"):
+        offset = int(blob[-51:][16:32], 16)
+        member = zlib.decompressobj(31).decompress(blob[offset:-51])
+        with tarfile.open(fileobj=io.BytesIO(member)) as tar:
+            extracted = tar.extractfile("stargz.index.json")
+            assert extracted is not None
+            document: dict[str, Any] = json.loads(extracted.read())
+            return document
+    # The footer frame: 8-byte skippable header, then 40 or 64 bytes.
+    short_header = struct.unpack_from("<II", blob, len(blob) - 48)
+    payload = (
+        blob[-40:] if short_header[0] >> 4 == 0x184D2A5 and short_header[1] == 40 else blob[-64:]
+    )
+    offset, length, uncompressed = struct.unpack_from("<QQQ", payload)
+    raw = zstandard.ZstdDecompressor().decompress(
+        blob[offset : offset + length], max_output_size=uncompressed
+    )
+    document = json.loads(raw)
+    return document
+
+
+def toc_json_bytes(blob: bytes) -> bytes:
+    """The TOC JSON of an eStargz blob, exactly as stored (its digest is toc.digest)."""
+    offset = int(blob[-51:][16:32], 16)
+    member = zlib.decompressobj(31).decompress(blob[offset:-51])
+    with tarfile.open(fileobj=io.BytesIO(member)) as tar:
+        extracted = tar.extractfile("stargz.index.json")
+        assert extracted is not None
+        return extracted.read()

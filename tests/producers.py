@@ -6,6 +6,7 @@ The real tools where Debian 12 has them (:mod:`tests.engines` runs them):
   docker-dir with and without ``--compress``) and ``-m`` multi-image archives;
   an image ``buildah`` built (``from``, ``copy``, ``commit``) and pushed;
 * ``skopeo copy ... dir:`` with gzip and zstd layers, OCI or Docker v2s2 manifests;
+  ``skopeo copy --dest-compress-format zstd:chunked``;
 * ``ctr images export`` (:meth:`tests.engines.Containerd.export`);
   ``ctr-remote image convert --estargz`` and ``--zstdchunked``, exported or
   pushed back to the registry;
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tests import builder
-from tests.engines import CtrRemote, Dockerd, Podman, Skopeo, TocKind
+from tests.engines import Containerd, CtrRemote, Dockerd, Podman, Skopeo, TocKind, run
 from tests.images import BuiltImage
 from tests.registry import Registry
 
@@ -136,11 +137,46 @@ def ctr_remote_export(ctr_remote: CtrRemote, ref: str, kind: TocKind, dest: Path
     return ctr_remote.containerd.export(dest, converted)
 
 
-def ctr_remote_push(ctr_remote: CtrRemote, ref: str, kind: TocKind) -> str:
-    """``ref`` converted to eStargz or zstd:chunked and pushed to the registry; the new ref."""
-    converted = ctr_remote.convert(ref, f"{ref}-{kind}", kind)
+def ctr_remote_push(
+    ctr_remote: CtrRemote, ref: str, kind: TocKind, *extra: str, dest: str | None = None
+) -> str:
+    """``ref`` converted to eStargz or zstd:chunked and pushed to the registry; the new ref.
+
+    ``dest`` names the conversion (default ``REF-KIND``); ``extra`` goes to
+    ``convert`` (``--estargz-chunk-size N``).
+    """
+    converted = ctr_remote.convert(ref, dest or f"{ref}-{kind}", kind, *extra)
     ctr_remote.containerd.push(converted)
     return converted
+
+
+def ctr_remote_convert(
+    containerd: Containerd, source_ref: str, kind: TocKind, dest_tag: str, *extra: str
+) -> str:
+    """``source_ref`` (in the test registry) fetched, converted by ctr-remote to ``kind`` as
+    ``REPO:DEST_TAG``, and pushed back; the new reference."""
+    containerd.fetch(source_ref)
+    dest = f"{source_ref.rsplit(':', 1)[0]}:{dest_tag}"
+    return ctr_remote_push(CtrRemote(containerd), source_ref, kind, *extra, dest=dest)
+
+
+def registry_to_layout(skopeo: Skopeo, reference: str, layout: Path, tag: str) -> str:
+    """``docker://REF`` (plain HTTP) copied to ``oci:LAYOUT:TAG``, its manifest kept as is."""
+    skopeo.copy(f"docker://{reference}", f"oci:{layout}:{tag}", "--src-tls-verify=false")
+    return f"oci:{layout}:{tag}"
+
+
+def skopeo_zstd_chunked(skopeo: Skopeo, layout: Path, tag: str, dest: Path) -> str:
+    """``layout:tag`` copied to ``dest:tag`` with zstd:chunked layers (containers/storage's
+    writer, ``skopeo copy --dest-compress-format zstd:chunked``); the new SOURCE."""
+    skopeo.copy(
+        f"oci:{layout}:{tag}",
+        f"oci:{dest}:{tag}",
+        "--dest-compress",
+        "--dest-compress-format",
+        "zstd:chunked",
+    )
+    return f"oci:{dest}:{tag}"
 
 
 def docker_save_by_id(dockerd: Dockerd, ref: str, dest: Path) -> Path:
@@ -162,7 +198,7 @@ def umoci_insert(image: BuiltImage, dest: Path) -> BuiltImage:
     (content / "odd-length").write_bytes(b"x" * 1001)  # data ending mid-block
     (content / "link").symlink_to("sub/file")
     tag = "inserted"
-    builder.run(["umoci", "insert", "--image", f"{layout}:{image.tag}", "--tag", tag,
+    run(["umoci", "insert", "--image", f"{layout}:{image.tag}", "--tag", tag,
                  str(content), "/inserted"])  # fmt: skip
     return BuiltImage(f"{image.name}-inserted", layout, tag)
 

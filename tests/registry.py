@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.engines import Skopeo
 from tests.needs import require_tools
 
 READY_TRIES = 400  # x 25 ms: a registry starts in well under a second
@@ -270,13 +271,9 @@ class Registry:
         raise RuntimeError(f"docker-registry did not start: {log[-2000:]}")
 
     def push(self, source: str, repo: str, *extra: str, creds: str | None = None) -> str:
-        """``skopeo copy SOURCE docker://HOST/REPO``; returns the pushed reference."""
-        dest = f"{self.host}/{repo}"
-        command = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *extra]
-        if creds:
-            command.append(f"--dest-creds={creds}")
-        subprocess.run([*command, source, f"docker://{dest}"], check=True, capture_output=True)
-        return dest
+        """``skopeo copy SOURCE docker://HOST/REPO`` (hermetic); returns the pushed reference."""
+        credentials = [f"--dest-creds={creds}"] if creds else []
+        return Skopeo().push(source, f"{self.host}/{repo}", *extra, *credentials)
 
     def blob_file(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob (distribution's storage layout)."""

@@ -24,6 +24,7 @@ import pytest
 
 from tests import builder, images
 from tests.builder import NS, Member, directory, file, hardlink, opaque, symlink, whiteout
+from tests.engines import Skopeo, run
 from tests.images import BuiltImage, ImageShapes, ShapesFor
 from tests.oracle import Oracle, Record, compare, snapshot, umoci_oracle, umoci_unpack
 
@@ -51,9 +52,7 @@ def _content(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes | None:
 
 
 def skopeo_inspect(source: str, *extra: str) -> dict[str, Any]:
-    result = builder.run(["skopeo", "inspect", *extra, source])
-    inspected: dict[str, Any] = json.loads(result.stdout)
-    return inspected
+    return Skopeo().inspect(source, *extra)
 
 
 def outer_tar(path: Path) -> dict[str, bytes]:
@@ -401,7 +400,7 @@ def test_compare_skips_unknown_mtimes_and_dir_link_counts() -> None:
 @tools
 def test_compare_sees_changes_to_a_copy(basic_oracle: Oracle, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
-    builder.run(["cp", "-a", str(basic_oracle.rootfs), str(copy)])
+    run(["cp", "-a", str(basic_oracle.rootfs), str(copy)])
     assert compare(basic_oracle.records, snapshot(copy), ignore=()) == []
     os.chmod(copy / "etc/passwd", 0o600)
     (copy / images.BASIC_UTF8_NAME).unlink()

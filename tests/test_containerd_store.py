@@ -1,6 +1,7 @@
-"""``containerd:REF`` against a real containerd 1.6 (tests.containerd_store), offline and live.
+"""``containerd:REF`` against a real containerd 1.6 (tests.engines), offline and live.
 
-One containerd per module, filled by ``ctr images pull`` from a loopback
+One containerd of this module's own (the session's keeps running for other
+modules), filled by ``ctr images pull`` from a loopback
 registry (images built by umoci / tests.builder, pushed by skopeo), in the
 namespaces ``default``, ``k8s.io`` and two of the tests' own. The first tests
 read the store while containerd runs (and commits); then containerd is
@@ -32,12 +33,12 @@ from imagefs.sources.containerd import CONTENT_DIR, META_DB, read_images
 from tests import builder
 from tests.boltwriter import Tree, write_bolt
 from tests.builder import directory, file
-from tests.containerd_store import Containerd, tree_state
+from tests.engines import Containerd
 from tests.images import BuiltImage
 from tests.linuxenv import PrivateMounts, make_workspace, remove_workspace
 from tests.mounting import mounted, run_imagefs
 from tests.needs import require_fuse, require_root, require_tools
-from tests.oracle import Oracle, compare, snapshot
+from tests.oracle import Oracle, compare, snapshot, tree_state
 from tests.registry import Registry
 
 NAMESPACES = ("default", "k8s.io")
@@ -74,14 +75,16 @@ def filled(basic_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory) ->
     require_tools("docker-registry", "skopeo")
     work = tmp_path_factory.mktemp("containerd")
     registry = Registry(work / "registry")
-    daemon = Containerd(work / "daemon")
+    daemon = Containerd(work / "daemon").start()
     try:
         store = Filled(daemon, registry)
         registry.push(f"oci:{basic_image.layout}:{basic_image.tag}", "test/basic:1")
         for namespace in NAMESPACES:
             daemon.pull(store.basic, namespace=namespace)
         # Docker Hub style names resolve by normalisation: "basic" is this one.
-        daemon.ctr("images", "tag", store.basic, "docker.io/library/basic:latest")
+        daemon.ctr(
+            "images", "tag", store.basic, "docker.io/library/basic:latest", namespace="default"
+        )
         # One name, different images in two namespaces.
         for namespace, marker in zip(NAMESPACES, ("first", "second"), strict=True):
             registry.push(small_layout(work / f"ambiguous-{marker}", marker), "test/ambiguous:1")
@@ -213,8 +216,8 @@ def test_reads_while_containerd_commits(
                 if stop.is_set():
                     return
                 name = f"churn/tag-{round_number}:1"
-                filled.daemon.ctr("images", "tag", filled.basic, name)
-                filled.daemon.ctr("images", "rm", name)
+                filled.daemon.ctr("images", "tag", filled.basic, name, namespace="default")
+                filled.daemon.ctr("images", "rm", name, namespace="default")
                 rounds.append(round_number)
         except BaseException as exc:  # reported by the test, after the join
             errors.append(exc)

@@ -1,12 +1,15 @@
 """podman's and Docker's stores read offline: exact layers, the tamper check, no writes.
 
-The stores are written by the real engines (tests.store_engines): podman with
-its own ``--root``, dockerd 20.10 with its own ``--data-root``, both pulling
-the fixture image from the test registry. The engines are stopped before the
-offline reads, except in the test that reads each store while its engine
-runs. Oracles: ``umoci unpack`` of the same image for the mounted trees, the
-original layer tars for the rebuilt ones, and the test's own edits for the
-tamper check.
+The stores are written by the real engines (tests.engines): podman with its
+own ``--root``, dockerd 20.10 with its own ``--data-root``, both pulling the
+catalog's ``store`` image (tests.images) from the test registry. This module
+has its own podman store and dockerd (the session's keep running for other
+modules): the engines are stopped before the offline reads, except in the
+tests that read each store while its engine runs. Oracles: ``umoci unpack``
+of the same image for the mounted trees, the original layer tars for the
+rebuilt ones, and the test's own edits for the tamper check. The read-only
+bind mount of a store is made in a private mount namespace (tests.linuxenv),
+so nothing of it can outlive the test.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +38,16 @@ from imagefs.layers.rebuilt import rebuilt_of
 from imagefs.sources import open_image
 from imagefs.sources.containers_storage import big_data_name
 from tests import builder
+from tests.engines import Containerd, Dockerd, Podman
+from tests.images import BuiltImage
+from tests.linuxenv import PrivateMounts, make_workspace, remove_workspace
 from tests.mounting import is_mounted, mounted, run_imagefs
-from tests.needs import require_tools
-from tests.oracle import Oracle, Record, compare, snapshot, umoci_oracle
+from tests.needs import require_fuse, require_tools
+from tests.oracle import Oracle, Record, compare, snapshot, tree_state
+from tests.producers import RegistryImages
 from tests.registry import Registry
-from tests.store_engines import Dockerd, PodmanStore, build_store_image, store_state
 
 pytestmark = [pytest.mark.fuse, pytest.mark.tools]
-
-REPO = "test/store"
 
 
 @dataclass(frozen=True)
@@ -77,62 +80,45 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def image_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    require_tools("umoci", "skopeo")
-    return build_store_image(tmp_path_factory.mktemp("store-image"))
+def reference(registry_images: RegistryImages, store_image: BuiltImage) -> str:
+    """The fixture image in the session's test registry."""
+    return registry_images.ref(store_image)
 
 
 @pytest.fixture(scope="module")
-def oracle(image_layout: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Oracle:
-    layout, tag = image_layout
-    return umoci_oracle(layout, tag, tmp_path_factory.mktemp("store-umoci") / "bundle")
+def podman_store(tmp_path_factory: pytest.TempPathFactory, reference: str) -> Iterator[Podman]:
+    with Podman(tmp_path_factory.mktemp("podman")) as podman:
+        podman.pull(reference)
+        yield podman
 
 
 @pytest.fixture(scope="module")
-def registry(
-    image_layout: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Registry, str]]:
-    layout, tag = image_layout
-    served = Registry(tmp_path_factory.mktemp("store-registry"))
-    try:
-        yield served, served.push(f"oci:{layout}:{tag}", f"{REPO}:{tag}")
-    finally:
-        served.stop()
+def module_dockerd(
+    tmp_path_factory: pytest.TempPathFactory,
+    containerd: Containerd,
+    engine_registry: Registry,
+    reference: str,
+) -> Iterator[Dockerd]:
+    """This module's dockerd, stopped once it has pulled: the offline reads come first."""
+    directory = tmp_path_factory.mktemp("dockerd")
+    with Dockerd(directory, containerd, insecure=[engine_registry.host]) as daemon:
+        daemon.pull(reference)
+        daemon.stop()
+        yield daemon
 
 
 @pytest.fixture(scope="module")
-def podman_store(
-    registry: tuple[Registry, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PodmanStore]:
-    store = PodmanStore(tmp_path_factory.mktemp("podman"))
-    try:
-        store.pull(registry[1])
-        yield store
-    finally:
-        store.close()
-
-
-@pytest.fixture(scope="module")
-def dockerd(registry: tuple[Registry, str], tmp_path_factory: pytest.TempPathFactory) -> Dockerd:
-    daemon = Dockerd(tmp_path_factory.mktemp("dockerd"), registry[0].host)
-    with daemon.running():
-        daemon.pull(registry[1])
-    return daemon  # stopped: the offline reads come after
-
-
-@pytest.fixture(scope="module")
-def podman_image(podman_store: PodmanStore, registry: tuple[Registry, str]) -> Store:
-    reference = registry[1]
-    image_id = podman_store.podman("image", "inspect", "--format", "{{.Id}}", reference).strip()
+def podman_image(podman_store: Podman, reference: str) -> Store:
+    image_id = podman_store.image_id(reference)
     return Store("containers-storage", podman_store.root, reference, image_id)
 
 
 @pytest.fixture(scope="module")
-def docker_image(dockerd: Dockerd, registry: tuple[Registry, str]) -> Store:
-    reference = registry[1]
-    repositories = json.loads((dockerd.data_root / "image/overlay2/repositories.json").read_text())
+def docker_image(module_dockerd: Dockerd, reference: str) -> Store:
+    root = module_dockerd.data_root
+    repositories = json.loads((root / "image/overlay2/repositories.json").read_text())
     image_id = repositories["Repositories"][reference.rpartition(":")[0]][reference]
-    return Store("docker-store", dockerd.data_root, reference, image_id.removeprefix("sha256:"))
+    return Store("docker-store", root, reference, image_id.removeprefix("sha256:"))
 
 
 @pytest.fixture(scope="module", params=["podman_image", "docker_image"])
@@ -164,15 +150,15 @@ def _mount_snapshot(store: Store, tmp_path: Path, *options: str) -> dict[str, Re
     return actual
 
 
-def test_mounted_tree_equals_umoci(store: Store, oracle: Oracle, tmp_path: Path) -> None:
+def test_mounted_tree_equals_umoci(store: Store, store_oracle: Oracle, tmp_path: Path) -> None:
     actual = _mount_snapshot(store, tmp_path)
-    differences = compare(oracle.records, actual)
+    differences = compare(store_oracle.records, actual)
     assert differences == [], "\n".join(differences[:50])
-    assert len(actual) == len(oracle.records) > 40
+    assert len(actual) == len(store_oracle.records) > 40
 
 
-def test_rebuilt_tars_are_the_original_layers(store: Store, image_layout: tuple[Path, str]) -> None:
-    originals = list(builder.layer_tars(*image_layout))
+def test_rebuilt_tars_are_the_original_layers(store: Store, store_image: BuiltImage) -> None:
+    originals = list(builder.layer_tars(store_image.layout, store_image.tag))
     image = open_image(store.source, store_root=str(store.root))
     assert image.config_digest == f"sha256:{store.image_id}"
     assert len(image.layers) == len(originals) == 3
@@ -306,7 +292,7 @@ def test_planted_symlink_is_refused_not_followed(
 
 
 def test_store_files_never_change(store: Store, tmp_path: Path) -> None:
-    before = store_state(store.root)
+    before = tree_state(store.root)
     for attempt in range(2):  # a first mount builds, a second reuses the cache
         with mounted(store.source, tmp_path / f"mnt{attempt}", f"--store-root={store.root}",
                      cache=tmp_path / "cache") as mnt:  # fmt: skip
@@ -314,73 +300,76 @@ def test_store_files_never_change(store: Store, tmp_path: Path) -> None:
                 if path.is_file() and not path.is_symlink():
                     path.read_bytes()
     assert run_imagefs("verify", "--store-root", store.root, store.source).returncode == 0
-    assert store_state(store.root) == before
+    assert tree_state(store.root) == before
 
 
-def test_read_only_bind_mount_of_the_store(store: Store, oracle: Oracle, tmp_path: Path) -> None:
-    view = tmp_path / "ro-store"
-    view.mkdir()
-    subprocess.run(["mount", "--bind", str(store.root), str(view)], check=True)
+def test_read_only_bind_mount_of_the_store(store: Store, store_oracle: Oracle) -> None:
+    """The store bind-mounted read-only (in a private mount namespace: it goes with it)."""
+    require_fuse()
+    require_tools("unshare", "nsenter")
+    workspace = make_workspace("imagefs-store-ro-")
+    namespace = PrivateMounts(workspace)
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
-        readonly = Store(store.transport, view, store.reference, store.image_id)
-        actual = _mount_snapshot(readonly, tmp_path)
-        assert compare(oracle.records, actual) == []
-        result = run_imagefs("verify", "--store-root", view, store.source)
+        view = workspace / "ro-store"
+        view.mkdir()
+        namespace.run(["mount", "--bind", "-o", "ro", store.root, view], check=True)
+        probe = namespace.run(["touch", view / "probe"])
+        assert probe.returncode != 0 and "Read-only" in probe.stderr
+        mnt, log = workspace / "mnt", workspace / "imagefs.log"
+        mnt.mkdir()
+        mounted_now = namespace.imagefs(
+            "mount", "--quiet", f"--cache-dir={workspace / 'cache'}", f"--log={log}",
+            f"--store-root={view}", store.source, mnt,
+        )  # fmt: skip
+        assert mounted_now.returncode == 0, mounted_now.stderr
+        differences = compare(store_oracle.records, snapshot(namespace.path(mnt)))
+        assert differences == [], "\n".join(differences[:50])
+        assert namespace.imagefs("umount", mnt).returncode == 0
+        assert "ERROR" not in log.read_text()
+        result = namespace.imagefs("verify", "--store-root", view, store.source)
         assert result.returncode == 0, result.stderr
     finally:
-        _unmount_bind(view)
-
-
-def _unmount_bind(view: Path) -> None:
-    """The daemons of the mounts above may still be exiting: retry, then detach lazily."""
-    for _ in range(50):
-        if subprocess.run(["umount", str(view)], capture_output=True, check=False).returncode == 0:
-            return
-        time.sleep(0.1)
-    subprocess.run(["umount", "--lazy", str(view)], check=True)
+        namespace.close()
+        remove_workspace(workspace)
 
 
 def test_podman_store_read_while_podman_runs(
-    podman_store: PodmanStore, podman_image: Store, oracle: Oracle, tmp_path: Path
+    podman_store: Podman, podman_image: Store, store_oracle: Oracle, tmp_path: Path
 ) -> None:
     with podman_store.service(tmp_path):
         actual = _mount_snapshot(podman_image, tmp_path)
-        assert compare(oracle.records, actual) == []
+        assert compare(store_oracle.records, actual) == []
         # The engine still works beside us (no lock taken, nothing changed).
-        assert podman_image.image_id in podman_store.podman("images", "--no-trunc", "--quiet")
+        assert podman_image.image_id in podman_store.output("images", "--no-trunc", "--quiet")
 
 
 def test_docker_store_read_while_dockerd_runs(
-    dockerd: Dockerd, registry: tuple[Registry, str], oracle: Oracle, tmp_path: Path
+    module_dockerd: Dockerd, reference: str, store_oracle: Oracle, tmp_path: Path
 ) -> None:
-    reference = registry[1]
-    with dockerd.running():
-        image_id = dockerd.docker("image", "inspect", "--format", "{{.Id}}", reference).strip()
+    with module_dockerd.started():
+        image_id = module_dockerd.image_id(reference)
         store = Store(
-            "docker-store", dockerd.data_root, reference, image_id.removeprefix("sha256:")
+            "docker-store", module_dockerd.data_root, reference, image_id.removeprefix("sha256:")
         )
         actual = _mount_snapshot(store, tmp_path)
-        assert compare(oracle.records, actual) == []
+        assert compare(store_oracle.records, actual) == []
         assert run_imagefs("verify", "--store-root", store.root, store.source).returncode == 0
-        assert image_id in dockerd.docker("images", "--no-trunc", "--quiet")
+        assert image_id in module_dockerd.output("images", "--no-trunc", "--quiet")
 
 
-def test_docker_short_names_resolve(dockerd: Dockerd, registry: tuple[Registry, str]) -> None:
+def test_docker_short_names_resolve(module_dockerd: Dockerd, reference: str) -> None:
     """``alpine:3`` means docker.io/library/alpine:3, as Docker stores and reads it."""
-    with dockerd.running():
-        dockerd.docker("tag", registry[1], "alpine:3")
-        image_id = dockerd.docker("image", "inspect", "--format", "{{.Id}}", "alpine:3").strip()
+    with module_dockerd.started():
+        module_dockerd.docker("tag", reference, "alpine:3")
+        image_id = module_dockerd.image_id("alpine:3")
     for ref in ("alpine:3", "docker.io/library/alpine:3", "library/alpine:3"):
-        image = open_image(f"docker-store:{ref}", store_root=str(dockerd.data_root))
+        image = open_image(f"docker-store:{ref}", store_root=str(module_dockerd.data_root))
         assert image.config_digest == image_id, ref
 
 
-def test_podman_short_names_resolve(
-    podman_store: PodmanStore, registry: tuple[Registry, str]
-) -> None:
-    podman_store.podman("tag", registry[1], "docker.io/library/alpine:3", "localhost/mine:1")
-    image_id = podman_store.podman("image", "inspect", "--format", "{{.Id}}", "mine:1").strip()
+def test_podman_short_names_resolve(podman_store: Podman, reference: str) -> None:
+    podman_store.podman("tag", reference, "docker.io/library/alpine:3", "localhost/mine:1")
+    image_id = podman_store.image_id("mine:1")
     for ref in ("alpine:3", "docker.io/library/alpine:3", "mine:1", "localhost/mine:1"):
         image = open_image(f"containers-storage:{ref}", store_root=str(podman_store.root))
         assert image.config_digest == f"sha256:{image_id}", ref

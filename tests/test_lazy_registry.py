@@ -15,7 +15,6 @@ converted image (minus the eStargz bookkeeping files).
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import random
@@ -32,26 +31,13 @@ from imagefs.cli import parse_mount_options
 from imagefs.layers.toc.locate import TAIL_SIZE
 from imagefs.registry.config import LazyMode, PrefetchMode
 from tests import builder, images, oracle
+from tests.engines import Containerd, Skopeo
 from tests.lazyproxy import LazyProxy, Seen
 from tests.mounting import mounted, run_imagefs
 from tests.needs import require_tools
+from tests.oracle import toc_json
+from tests.producers import ctr_remote_convert, registry_to_layout, skopeo_zstd_chunked
 from tests.registry import Registry
-
-
-def _producers() -> Any:
-    """Where the ctr-remote helpers live: tests.toc_producers, or tests.engines once folded in."""
-    try:
-        return importlib.import_module("tests.toc_producers")
-    except ImportError:
-        return importlib.import_module("tests.engines")
-
-
-_TOC = _producers()
-Containerd = _TOC.Containerd
-ctr_remote_convert = _TOC.ctr_remote_convert
-registry_to_layout = _TOC.registry_to_layout
-skopeo_zstdc = _TOC.skopeo_zstd_chunked
-toc_json = _TOC.toc_json
 
 pytestmark = [pytest.mark.tools, pytest.mark.fuse]
 
@@ -113,30 +99,31 @@ def lazy(image_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     steps = [images.basic_base, images.basic_changes, images.basic_replacements, big_files]
     builder.umoci_build(plain, TAG, steps)
     registry = Registry(work / "registry")
-    containerd = Containerd(work / "containerd")
+    containerd = Containerd(work / "containerd").start()
+    skopeo = Skopeo(work / "skopeo")
     try:
         plain_ref = registry.push(f"oci:{plain}:{TAG}", f"lazy/image:{TAG}")
         chunked = ("--estargz-chunk-size", str(CHUNK))
         record = work / "record.json"
         record.write_text(json.dumps({"path": PRIORITISED}) + "\n")
         full = {
-            "estargz": ctr_remote_convert(containerd, registry, plain_ref, "estargz", "esgz",
+            "estargz": ctr_remote_convert(containerd, plain_ref, "estargz", "esgz",
                                           *chunked),
-            "zstdchunked": ctr_remote_convert(containerd, registry, plain_ref, "zstdchunked",
+            "zstdchunked": ctr_remote_convert(containerd, plain_ref, "zstdchunked",
                                               "zstdc", *chunked),
-            "estargz-landmark": ctr_remote_convert(containerd, registry, plain_ref, "estargz",
+            "estargz-landmark": ctr_remote_convert(containerd, plain_ref, "estargz",
                                                    "esgz-landmark", *chunked,
                                                    "--estargz-record-in", str(record)),
         }  # fmt: skip
         # Written into a layout first: pushed with the flags, skopeo would
         # reuse the gzip blobs the registry already has for these layers.
-        skopeo_zstdc(plain, TAG, work / "skopeo-zstdc")
+        skopeo_zstd_chunked(skopeo, plain, TAG, work / "skopeo-zstdc")
         skopeo_ref = registry.push(f"oci:{work / 'skopeo-zstdc'}:{TAG}", "lazy/image:skopeo-zstdc")
         full["skopeo-zstdchunked"] = skopeo_ref
         layouts = {}
         for variant, ref in full.items():
             layouts[variant] = work / f"layout-{variant}"
-            registry_to_layout(ref, layouts[variant], TAG)
+            registry_to_layout(skopeo, ref, layouts[variant], TAG)
         refs = {variant: ref.split("/", 1)[1] for variant, ref in full.items()}
     except BaseException:
         registry.stop()

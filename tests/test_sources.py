@@ -40,6 +40,7 @@ from imagefs.sources.names import normalize_name
 from imagefs.sources.platform import match_rank
 from imagefs.sources.spec import parse_source
 from imagefs.sources.tarmembers import TarMembers
+from tests.engines import Skopeo
 from tests.needs import require_tools
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -274,7 +275,7 @@ def _umoci(*args: str | Path) -> None:
 
 
 def _skopeo(src: str, dst: str) -> None:
-    run("skopeo", "--insecure-policy", "copy", "--quiet", src, dst)
+    Skopeo().copy(src, dst)
 
 
 @pytest.fixture(scope="session")

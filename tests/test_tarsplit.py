@@ -1,6 +1,6 @@
 """The tar-split parser and CRC-64, against records the real podman wrote, and hostile ones.
 
-Valid records come from a podman store (tests.store_engines); malformed ones
+Valid records come from a podman store (tests.engines); malformed ones
 are that record edited line by line, so each case differs from a real file
 in exactly one way and must fail with a one-line TarSplitError (or
 CompressionError) naming the file and the line, never a traceback.
@@ -24,32 +24,25 @@ from imagefs.errors import CompressionError, LayerError, TarSplitError
 from imagefs.layers import tarsplit
 from imagefs.layers.rebuilt import clean_member_name
 from imagefs.layers.tarsplit import FileRecord, Segment, crc64, crc64_bytes, read_records
-from tests import builder
-from tests.registry import Registry
-from tests.store_engines import PodmanStore, store_layers
+from tests.engines import Podman
+from tests.images import BuiltImage, store_layers
+from tests.producers import RegistryImages
 
 pytestmark = pytest.mark.tools
 
 
 @pytest.fixture(scope="module")
-def podman_records(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+def podman_records(
+    tmp_path_factory: pytest.TempPathFactory,
+    registry_images: RegistryImages,
+    store_image: BuiltImage,
+) -> list[bytes]:
     """The gzip'd tar-split records podman wrote for the fixture image's layers."""
-    work = tmp_path_factory.mktemp("tarsplit")
-    layout = work / "layout"
-    builder.write_oci_layout(layout, store_layers(), compression="gzip", tag="t")
-    registry = Registry(work / "registry")
-    try:
-        reference = registry.push(f"oci:{layout}:t", "test/tarsplit:t")
-        store = PodmanStore(work / "podman")
-        try:
-            store.pull(reference)
-        finally:
-            store.close()
-    finally:
-        registry.stop()
-    records = sorted((store.root / "overlay-layers").glob("*.tar-split.gz"))
-    assert len(records) == 3
-    return [path.read_bytes() for path in records]
+    with Podman(tmp_path_factory.mktemp("tarsplit-podman")) as podman:
+        podman.pull(registry_images.ref(store_image))
+        records = sorted((podman.root / "overlay-layers").glob("*.tar-split.gz"))
+        assert len(records) == 3
+        return [path.read_bytes() for path in records]
 
 
 def _parse(data: bytes, tmp_path: Path) -> list[Segment | FileRecord]:

@@ -6,9 +6,9 @@ with a hole of zeros, a hardlink to a big file), pushed to a test registry,
 and converted by the tools that write these formats:
 
 * ``ctr-remote image convert --estargz --oci`` and ``--zstdchunked --oci``
-  (stargz-snapshotter 0.12, with 128 KiB chunks) in a test-started
-  containerd, pushed back to the registry and copied into OCI layouts by
-  skopeo, and exported with ``ctr export``;
+  (stargz-snapshotter 0.12, with 128 KiB chunks) in the session's
+  containerd (tests.engines), pushed back to the registry and copied into
+  OCI layouts by skopeo, and exported with ``ctr images export``;
 * ``skopeo copy --dest-compress-format zstd:chunked`` (containers/storage).
 
 Every variant is mounted and compared with ``umoci unpack`` of the same
@@ -36,19 +36,12 @@ from typing import Any
 import pytest
 
 from tests import builder, images, oracle
+from tests.engines import CtrRemote, Skopeo, TocKind
 from tests.mounting import mounted, run_imagefs
 from tests.needs import require_tools
+from tests.oracle import toc_json, toc_json_bytes
+from tests.producers import ctr_remote_push, skopeo_zstd_chunked
 from tests.registry import Registry
-from tests.toc_producers import (
-    Containerd,
-    ctr_export,
-    ctr_remote_convert,
-    layer_descriptors,
-    registry_to_layout,
-    skopeo_zstd_chunked,
-    toc_json,
-    toc_json_bytes,
-)
 
 pytestmark = [pytest.mark.tools, pytest.mark.fuse]
 
@@ -109,24 +102,27 @@ class Produced:
 
 
 @pytest.fixture(scope="module")
-def produced(image_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Produced]:
-    require_tools("docker-registry", "containerd", "ctr-remote", "skopeo", "umoci")
+def produced(
+    image_tools: None,
+    tmp_path_factory: pytest.TempPathFactory,
+    ctr_remote: CtrRemote,
+    skopeo: Skopeo,
+) -> Iterator[Produced]:
+    require_tools("docker-registry", "umoci")
     work = tmp_path_factory.mktemp("toc")
     plain = work / "plain"
     steps = [images.basic_base, images.basic_changes, images.basic_replacements, big_files]
     builder.umoci_build(plain, TAG, steps)
     registry = Registry(work / "registry")
-    containerd = Containerd(work / "containerd")
     try:
         plain_ref = registry.push(f"oci:{plain}:{TAG}", f"toc/image:{TAG}")
+        ctr_remote.containerd.fetch(plain_ref)
         chunked = ("--estargz-chunk-size", str(CHUNK))
-        refs = {
-            "estargz": ctr_remote_convert(
-                containerd, registry, plain_ref, "estargz", "esgz", *chunked
-            ),
-            "zstdchunked": ctr_remote_convert(
-                containerd, registry, plain_ref, "zstdchunked", "zstdc", *chunked
-            ),
+        repo = plain_ref.rsplit(":", 1)[0]
+        conversions: list[tuple[TocKind, str]] = [("estargz", "esgz"), ("zstdchunked", "zstdc")]
+        refs: dict[str, str] = {
+            kind: ctr_remote_push(ctr_remote, plain_ref, kind, *chunked, dest=f"{repo}:{tag}")
+            for kind, tag in conversions
         }
         layouts = {
             "estargz-oci": work / "estargz",
@@ -134,12 +130,10 @@ def produced(image_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "skopeo-zstdchunked-oci": work / "skopeo-zstdchunked",
         }
         sources = {
-            "estargz-oci": registry_to_layout(refs["estargz"], layouts["estargz-oci"], TAG),
-            "zstdchunked-oci": registry_to_layout(
-                refs["zstdchunked"], layouts["zstdchunked-oci"], TAG
-            ),
+            "estargz-oci": _to_layout(skopeo, refs["estargz"], layouts["estargz-oci"]),
+            "zstdchunked-oci": _to_layout(skopeo, refs["zstdchunked"], layouts["zstdchunked-oci"]),
             "skopeo-zstdchunked-oci": skopeo_zstd_chunked(
-                plain, TAG, layouts["skopeo-zstdchunked-oci"]
+                skopeo, plain, TAG, layouts["skopeo-zstdchunked-oci"]
             ),
         }
         for variant in ("estargz", "skopeo-zstdchunked"):
@@ -148,18 +142,22 @@ def produced(image_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
             )
             sources[f"{variant}-oci-archive"] = f"oci-archive:{archive}:{TAG}"
             layouts[f"{variant}-oci-archive"] = layouts[f"{variant}-oci"]
-        exported = ctr_export(containerd, refs["estargz"], work / "estargz.ctr-export.tar")
+        exported = ctr_remote.containerd.export(work / "estargz.ctr-export.tar", refs["estargz"])
         sources["estargz-ctr-export"] = str(exported)
         layouts["estargz-ctr-export"] = layouts["estargz-oci"]
     except BaseException:
         registry.stop()
         raise
-    finally:
-        containerd.stop()
     try:
         yield Produced(plain, registry, work, refs, sources, layouts)
     finally:
         registry.stop()
+
+
+def _to_layout(skopeo: Skopeo, reference: str, layout: Path) -> str:
+    """``skopeo copy docker://REF oci:LAYOUT:TAG`` (plain HTTP), manifest kept as is."""
+    skopeo.copy(f"docker://{reference}", f"oci:{layout}:{TAG}", "--src-tls-verify=false")
+    return f"oci:{layout}:{TAG}"
 
 
 VARIANTS = (
@@ -178,6 +176,17 @@ def _log_lines(log: Path) -> list[str]:
 
 def _without(records: dict[str, oracle.Record], names: tuple[str, ...]) -> dict[str, oracle.Record]:
     return {path: record for path, record in records.items() if path not in names}
+
+
+# --------------------------------------------------------------------------- oracles
+
+# Independent readers of what the tools wrote: the TOC JSON of a blob, read
+# with Python's zlib/zstandard, tarfile and json, not with imagefs.
+
+
+def layer_descriptors(layout: Path, tag: str) -> list[dict[str, Any]]:
+    layers: list[dict[str, Any]] = builder.image_manifest(layout, tag)["layers"]
+    return layers
 
 
 # --------------------------------------------------------------------------- the tree
