@@ -8,8 +8,10 @@ knows about compression.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from typing import Protocol
@@ -22,6 +24,7 @@ from imagefs.image import BlobFeed, Layer
 __all__ = [
     "BlobHasher",
     "BufferedStream",
+    "DecodedCache",
     "DigestCheck",
     "DownloadCheck",
     "InUse",
@@ -31,6 +34,7 @@ __all__ = [
     "check_blob",
     "digest_check",
     "expansion_limit",
+    "new_owner",
     "pread_exact",
 ]
 
@@ -447,3 +451,54 @@ class BufferedStream:
             where=f"layer {layer.descriptor.digest}",
             over=f"the uncompressed layer tar ({self._produced} bytes), the config's diff_id",
         )
+
+
+class DecodedCache:
+    """A process-wide LRU of decoded layer data, bounded in bytes (thread-safe).
+
+    Keys are ``(owner, index)``: each reader takes an owner number
+    (:func:`new_owner`) and drops its entries when it closes. zstd frames
+    (layers.zstd) and TOC chunks (layers.toc.memcache) each keep one, so a
+    128 KiB FUSE read of a big file decodes each frame or chunk once, not once
+    per read; ``imagefs mount --decoded-cache`` sets their bounds.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        with self._lock:
+            data = self._entries.get(key)
+            if data is not None:
+                self._entries.move_to_end(key)
+            return data
+
+    def put(self, key: tuple[int, int], data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._entries[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._entries.popitem(last=False)[1])
+
+    def drop(self, owner: int) -> None:
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == owner]:
+                self._bytes -= len(self._entries.pop(key))
+
+
+_OWNER_IDS = itertools.count(1)
+_OWNER_LOCK = threading.Lock()
+
+
+def new_owner() -> int:
+    """A key prefix of a :class:`DecodedCache` that no other reader of this process uses."""
+    with _OWNER_LOCK:
+        return next(_OWNER_IDS)

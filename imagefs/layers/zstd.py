@@ -24,14 +24,13 @@ Source 0 is the blob (offset relative to the blob's start), 1 this file.
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import os
 import shutil
 import struct
 import threading
 import zlib
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ import zstandard
 from imagefs.cachedir import AtomicFile
 from imagefs.errors import BlobError, CompressionError, ImageFSError
 from imagefs.image import Layer
-from imagefs.layers.plumbing import BufferedStream, InUse, pread_exact
+from imagefs.layers.plumbing import BufferedStream, DecodedCache, InUse, new_owner, pread_exact
 
 __all__ = [
     "IN_PLACE_MAX",
@@ -470,41 +469,7 @@ def _load_table(fd: int, blob_length: int) -> _SeekTable | None:
     return _SeekTable(starts, sources, offsets, lengths, size)
 
 
-class _FrameCache:
-    """Process-wide LRU of decoded frames, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._frames: OrderedDict[tuple[int, int], bytes] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple[int, int]) -> bytes | None:
-        with self._lock:
-            data = self._frames.get(key)
-            if data is not None:
-                self._frames.move_to_end(key)
-            return data
-
-    def put(self, key: tuple[int, int], data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        with self._lock:
-            old = self._frames.pop(key, None)
-            if old is not None:
-                self._bytes -= len(old)
-            self._frames[key] = data
-            self._bytes += len(data)
-            while self._bytes > self.max_bytes:
-                self._bytes -= len(self._frames.popitem(last=False)[1])
-
-    def drop(self, owner: int) -> None:
-        with self._lock:
-            for key in [k for k in self._frames if k[0] == owner]:
-                self._bytes -= len(self._frames.pop(key))
-
-
-_FRAME_CACHE = _FrameCache(FRAME_CACHE_BYTES)
+_FRAME_CACHE = DecodedCache(FRAME_CACHE_BYTES)
 
 
 def set_frame_cache_bytes(max_bytes: int) -> None:
@@ -512,7 +477,6 @@ def set_frame_cache_bytes(max_bytes: int) -> None:
     _FRAME_CACHE.max_bytes = max_bytes
 
 
-_OWNER_IDS = itertools.count(1)
 _THREAD_LOCAL = threading.local()
 
 
@@ -539,7 +503,7 @@ class ZstdLayerData:
         self._seek_fd = seek_fd
         self._table = table
         self._owned_dir = owned_dir
-        self._owner = next(_OWNER_IDS)
+        self._owner = new_owner()
         self._blob_fd = layer.blob.open_fd()
         self._in_use = InUse()
         self.size = table.size

@@ -45,7 +45,6 @@ from imagefs.errors import (
     BlobMissingError,
     CorruptStoreError,
     InvalidReferenceError,
-    ManifestError,
     SourceError,
     SourceNotFoundError,
 )
@@ -55,17 +54,11 @@ from imagefs.reference import parse_reference
 from imagefs.sources.bbolt import BoltFile, Bucket, read_consistent
 from imagefs.sources.hoststore import StoreImage
 from imagefs.sources.manifest import (
-    INDEX_TYPES,
-    MAX_INDEX_DEPTH,
     ImageManifest,
     blob_name,
-    check_manifest_media_type,
-    parse_manifest_or_index,
-    read_blob,
-    select_platform,
 )
 from imagefs.sources.names import names_match, normalize_name
-from imagefs.sources.ocilayout import build_image
+from imagefs.sources.ocilayout import build_image, resolve_manifest
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -354,30 +347,17 @@ def _by_repository_digest(images: list[ContainerdImage], ref: str) -> list[Conta
 def _resolve_manifest(
     store: ContentStore, image: ContainerdImage, wanted: Platform, where: str
 ) -> tuple[Descriptor, ImageManifest]:
-    """Follow the target through indexes to the manifest for ``wanted``.
+    """Follow the target through indexes to the manifest for ``wanted``; a platform
+    manifest absent from the store (containerd fetched only some platforms) is named so."""
 
-    As ocilayout.resolve_manifest, but a platform manifest absent from the
-    store (containerd fetched only some platforms) is named as such.
-    """
-    desc = image.target
-    for depth in range(MAX_INDEX_DEPTH + 1):
-        check_manifest_media_type(desc.media_type, where)
-        is_index = desc.media_type in INDEX_TYPES
-        what = "index" if is_index else "manifest"
-        if depth > 0 and store.locate(blob_name(desc.digest)) is None:
-            raise BlobMissingError(
-                f"{where}: the {desc.platform or 'selected'} manifest {desc.digest} is not in "
-                "the content store: containerd fetched only some platforms of this index "
-                "(pass --platform for one that was pulled)"
-            )
-        data = read_blob(store, desc, what, where)
-        blob_where = store.where(blob_name(desc.digest))
-        doc = parse_manifest_or_index(data, blob_where, desc.media_type)
-        if isinstance(doc, ImageManifest):
-            return desc, doc
-        desc = select_platform(doc.manifests, wanted, blob_where)
-        where = blob_where
-    raise ManifestError(f"{where}: image indexes nested deeper than {MAX_INDEX_DEPTH} levels")
+    def absent(desc: Descriptor, where: str) -> BlobMissingError:
+        return BlobMissingError(
+            f"{where}: the {desc.platform or 'selected'} manifest {desc.digest} is not in "
+            "the content store: containerd fetched only some platforms of this index "
+            "(pass --platform for one that was pulled)"
+        )
+
+    return resolve_manifest(store, image.target, wanted, where, absent)
 
 
 def _check_layers(

@@ -17,7 +17,6 @@ References resolve, in order (as ``podman`` / ``docker image inspect``):
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from imagefs.image import BlobRange, Descriptor, Image, Layer
 from imagefs.layers.beneath import Beneath
 from imagefs.layers.rebuilt import RebuiltTar
 from imagefs.reference import DOCKER_HUB, parse_reference
-from imagefs.sources.manifest import parse_config
+from imagefs.sources.manifest import load_json, parse_config
 from imagefs.sources.names import normalize_name
 
 __all__ = [
@@ -77,14 +76,7 @@ def load_store_json(store: Beneath, relpath: str, limit: int = MAX_INDEX) -> Any
         raise SourceNotFoundError(f"{where}: no such file") from None
     except OSError as exc:
         raise ManifestError(f"{where}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        return json.loads(data)
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{where}: not UTF-8 text: {exc.reason}") from exc
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{where}: invalid JSON: {exc.msg} at line {exc.lineno}") from exc
-    except (ValueError, RecursionError) as exc:
-        raise ManifestError(f"{where}: invalid JSON: {exc}") from exc
+    return load_json(data, where, limit=limit)
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,10 +76,12 @@ def _typename(value: object) -> str:
     )
 
 
-def load_json(data: bytes, where: str) -> Any:
+def load_json(data: bytes, where: str, *, limit: int = MAX_JSON_SIZE) -> Any:
     """Parse a JSON document, turning every failure into a ManifestError."""
-    if len(data) > MAX_JSON_SIZE:
-        raise ManifestError(f"{where}: {len(data)} bytes, refusing a document over 8 MiB")
+    if len(data) > limit:
+        raise ManifestError(
+            f"{where}: {len(data)} bytes, refusing a document over {limit // (1 << 20)} MiB"
+        )
     try:
         return json.loads(data)
     except UnicodeDecodeError as exc:

@@ -11,8 +11,10 @@ its digest, layer blobs are only located (the layer reader verifies them).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from imagefs.errors import (
+    ImageFSError,
     ManifestError,
     SourceError,
     SourceNotFoundError,
@@ -108,11 +110,22 @@ def _list_names(entries: tuple[Descriptor, ...]) -> str:
 
 
 def resolve_manifest(
-    store: Store, desc: Descriptor, wanted: Platform, where: str
+    store: Store,
+    desc: Descriptor,
+    wanted: Platform,
+    where: str,
+    absent: Callable[[Descriptor, str], ImageFSError] | None = None,
 ) -> tuple[Descriptor, ImageManifest]:
-    """Follow ``desc`` through nested indexes (choosing ``wanted``) to an image manifest."""
-    for _ in range(MAX_INDEX_DEPTH + 1):
+    """Follow ``desc`` through nested indexes (choosing ``wanted``) to an image manifest.
+
+    ``absent(desc, where)``: the error for a platform's manifest the store
+    does not have (containerd keeps only the platforms it pulled); without
+    it, the blob's absence is reported as for any blob.
+    """
+    for depth in range(MAX_INDEX_DEPTH + 1):
         check_manifest_media_type(desc.media_type, where)
+        if absent is not None and depth > 0 and store.locate(blob_name(desc.digest)) is None:
+            raise absent(desc, where)
         is_index = desc.media_type in INDEX_TYPES
         data = read_blob(store, desc, "index" if is_index else "manifest", where)
         blob_where = store.where(blob_name(desc.digest))
