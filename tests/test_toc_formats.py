@@ -284,7 +284,8 @@ def _a_chunk_missing(toc: dict[str, Any]) -> None:
             "leaves the root",
         ),
         (lambda toc: _entry(toc, "etc/passwd").update(name="a\0b"), "NUL"),
-        (lambda toc: _entry(toc, "etc/passwd").update(name="\ud800"), "not a file name"),
+        # A lone surrogate names no file (Go's encoding/json writes U+FFFD instead).
+        (lambda toc: _entry(toc, "etc/passwd").update(name="\ud800"), "not valid JSON"),
         (lambda toc: _entry(toc, "etc/passwd").update(name=""), "has no name"),
         (lambda toc: _entry(toc, "etc/passwd").update(type="socket"), "unknown type"),
         (lambda toc: _entry(toc, "etc/passwd").update(mode=-1), "mode -1"),

@@ -44,7 +44,9 @@ import binascii
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from imagefs.digest import Digest, InvalidDigestError
 from imagefs.errors import TocError
@@ -79,12 +81,53 @@ _TYPES = {
     "fifo": EntryType.FIFO,
 }
 _CHUNK_TYPES = ("", "zeros")  # containers/storage minimal.ChunkTypeData, ChunkTypeZeros
-_ENCODING = ("utf-8", "surrogateescape")  # what the tar scanner produces (os.fsdecode)
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
 _NS = 1_000_000_000
-_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+# The fields both dialects use, decoded and type- and range-checked in C by
+# msgspec (a TOC of 50k entries: 40 ms, against 120 ms for json.loads alone
+# and ~1 s for the same checks in Python on the decoded dicts). Absent and
+# null read as None; unknown fields (accesstime, changetime, the writers'
+# extensions) are skipped. Keys match exactly, as written by both writers.
+_Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+_Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_SIZE)]
+_Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)]
+
+
+class _RawEntry(msgspec.Struct, rename="camel", gc=False):
+    name: str | None = None
+    type: str | None = None
+    size: _Size | None = None
+    modtime: str | None = None
+    link_name: str | None = None
+    mode: _Offset | None = None
+    uid: _Id | None = None
+    gid: _Id | None = None
+    user_name: str | None = None
+    group_name: str | None = None
+    dev_major: _Id | None = None
+    dev_minor: _Id | None = None
+    xattrs: dict[str, str] | None = None
+    digest: str | None = None
+    offset: _Offset | None = None
+    inner_offset: _Offset | None = None
+    chunk_offset: _Size | None = None
+    chunk_size: _Size | None = None
+    chunk_digest: str | None = None
+    end_offset: _Offset | None = None
+    chunk_type: str | None = None
+
+
+class _RawToc(msgspec.Struct, gc=False):
+    version: Any = None
+    entries: list[_RawEntry] | None = None
+
+
+_DECODER = msgspec.json.Decoder(_RawToc)
+# "Expected `int` >= 0 - at `$.entries[3].mode`": where msgspec found a value invalid.
+_AT = re.compile(r"(?s)(.*) - at `\$(?:\.entries(?:\[(\d+)\](?:\.(\w+))?)?)?(.*)`")
 
 
 def parse_rfc3339_ns(value: str) -> int | None:
@@ -145,7 +188,7 @@ class _Parser:
         self.sizes: list[int] = []
         self.offsets: list[int] = []
         self.inners: list[int] = []
-        self.digests: list[str | None] = []
+        self.digests: list[Digest | None] = []
         self.lengths: list[int] = []
         # Per regular file with data: its end offset (containers/storage), by entry index.
         self.end_offsets: dict[int, int] = {}
@@ -153,7 +196,7 @@ class _Parser:
         self.file = -1
         self.file_name = ""
         self.file_size = 0
-        self.file_digest: object = None
+        self.file_digest: str | None = None
         self.file_first_chunk = 0
         self.covered = 0
         self.undigested: str | None = None  # a file with a chunk that has no digest
@@ -167,47 +210,36 @@ class _Parser:
 
     # -- fields ----------------------------------------------------------
 
-    def integer(self, raw: dict[str, Any], key: str, high: int) -> int:
-        value = raw.get(key)
-        if value is None:
-            return 0
-        if type(value) is not int or not 0 <= value <= high:
-            raise self.error(f"{key} {value!r} is not a whole number in 0..{high}")
-        return value
-
-    def text(self, raw: dict[str, Any], key: str, *, path: bool = False) -> str:
-        value = raw.get(key)
-        if value is None:
+    def path(self, key: str, value: str | None) -> str:
+        # Any string msgspec decodes encodes as UTF-8 (it refuses lone
+        # surrogates, which no file name could be); NUL ends a C string.
+        if not value:
             return ""
-        if type(value) is not str:
-            raise self.error(f"{key} is not a string")
-        if not value.isascii():
-            try:
-                value.encode(*_ENCODING)
-            except UnicodeEncodeError:
-                raise self.error(f"{key} {value!r} is not a file name") from None
-        if path and "\0" in value:
+        if "\0" in value:
             raise self.error(f"{key} {value!r} holds a NUL byte")
         return value
 
-    def digest(self, raw: dict[str, Any], key: str) -> str | None:
-        value = raw.get(key)
+    def digest(self, key: str, value: object) -> Digest | None:
         if value is None or value == "":
             return None
-        if type(value) is str and _SHA256.fullmatch(value):
-            return value
+        if type(value) is str:
+            try:
+                parsed = Digest(value)  # one regex for the usual case
+            except InvalidDigestError:
+                pass
+            else:
+                if parsed.algorithm == "sha256":
+                    return parsed
+                raise self.error(f"{key} {parsed!r} is not a sha256 digest")
         try:
-            parsed = Digest.parse(value, f"{self.where}: TOC entry {self.index}: {key}")
+            Digest.parse(value, f"{self.where}: TOC entry {self.index}: {key}")
         except InvalidDigestError as exc:
             raise TocError(str(exc)) from None
-        raise self.error(f"{key} {parsed!r} is not a sha256 digest")
+        raise AssertionError("Digest.parse accepted what Digest refused")  # pragma: no cover
 
-    def mtime(self, raw: dict[str, Any], name: str) -> int:
-        value = raw.get("modtime")
-        if value is None or value == "":
+    def mtime(self, value: str | None, name: str) -> int:
+        if not value:
             return 0
-        if type(value) is not str:
-            raise self.error(f"modtime {value!r} is not an RFC 3339 time")
         cached = self.mtimes.get(value)
         if cached is not None:
             return cached
@@ -221,17 +253,9 @@ class _Parser:
             self.mtimes[value] = ns
         return ns
 
-    def xattrs(self, raw: dict[str, Any]) -> tuple[tuple[str, bytes], ...]:
-        value = raw.get("xattrs")
-        if value is None:
-            return ()
-        if type(value) is not dict:
-            raise self.error("xattrs is not an object")
+    def xattrs(self, value: dict[str, str]) -> tuple[tuple[str, bytes], ...]:
         pairs = []
         for name, encoded in value.items():
-            self.text({"xattr name": name}, "xattr name")
-            if type(encoded) is not str:
-                raise self.error(f"xattr {name!r} is not a base64 string")
             try:
                 pairs.append((name, base64.b64decode(encoded, validate=True)))
             except (binascii.Error, ValueError):
@@ -252,33 +276,32 @@ class _Parser:
 
     # -- entries ---------------------------------------------------------
 
-    def entry(self, raw: object) -> None:
-        if type(raw) is not dict:
-            raise self.error("is not an object")
-        kind = raw.get("type")
+    def entry(self, raw: _RawEntry) -> None:
+        kind = raw.type
         if kind == "chunk":
             self.chunk(raw)
             return
         if self.file >= 0:
             self.finish_file()
-        etype = _TYPES.get(kind) if type(kind) is str else None
+        etype = _TYPES.get(kind) if kind is not None else None
         if etype is None:
             raise self.error(f"unknown type {kind!r}")
-        name = self.text(raw, "name", path=True)
+        name = raw.name
         if not name:
             raise self.error("has no name")
-        self.name_inside_root("name", name)
-        integer = self.integer
-        uid = integer(raw, "uid", MAX_ID)
-        gid = integer(raw, "gid", MAX_ID)
+        if "\0" in name or ".." in name:  # the cheap test first
+            self.path("name", name)
+            self.name_inside_root("name", name)
+        uid = raw.uid or 0
+        gid = raw.gid or 0
         # eStargz writes a user or group name only when it changes for that
         # id (estargz.go, nameIfChanged); its reader carries it forward.
-        uname = self.text(raw, "userName")
+        uname = raw.user_name
         if uname:
             self.unames[uid] = uname
         else:
             uname = self.unames.get(uid, "")
-        gname = self.text(raw, "groupName")
+        gname = raw.group_name
         if gname:
             self.gnames[gid] = gname
         else:
@@ -286,19 +309,19 @@ class _Parser:
         linkname = ""
         devmajor = devminor = size = 0
         if etype is EntryType.FILE:
-            size = integer(raw, "size", MAX_SIZE)
+            size = raw.size or 0
         elif etype is EntryType.SYMLINK or etype is EntryType.HARDLINK:
-            linkname = self.text(raw, "linkName", path=True)
+            linkname = self.path("linkName", raw.link_name)
             if etype is EntryType.HARDLINK:
                 if not linkname:
                     raise self.error(f"hardlink {name!r} has no target")
                 self.name_inside_root("linkName", linkname)
         elif etype is EntryType.CHAR_DEVICE or etype is EntryType.BLOCK_DEVICE:
-            devmajor = integer(raw, "devMajor", MAX_ID)
-            devminor = integer(raw, "devMinor", MAX_ID)
-        xattrs = self.xattrs(raw) if "xattrs" in raw else ()
-        mode = integer(raw, "mode", MAX_OFFSET) & 0o7777
-        mtime_ns = self.mtime(raw, name)
+            devmajor = raw.dev_major or 0
+            devminor = raw.dev_minor or 0
+        xattrs = self.xattrs(raw.xattrs) if raw.xattrs else ()
+        mode = (raw.mode or 0) & 0o7777
+        mtime_ns = self.mtime(raw.modtime, name)
         data_offset = TOC_DATA_BASE + self.data_size if etype is EntryType.FILE else 0
         entry = self.new_entry(
             name, etype, mode, uid, gid, size, mtime_ns, linkname, devmajor, devminor,
@@ -315,31 +338,29 @@ class _Parser:
         self.file = len(self.entries) - 1
         self.file_name = name
         self.file_size = size
-        self.file_digest = raw.get("digest")  # checked only if a chunk needs it
+        self.file_digest = raw.digest  # checked only if a chunk needs it
         self.file_first_chunk = len(self.sizes)
         self.covered = 0
-        end_offset = integer(raw, "endOffset", MAX_OFFSET)
-        if end_offset:
-            self.end_offsets[self.file] = end_offset
+        if raw.end_offset:
+            self.end_offsets[self.file] = raw.end_offset
         self.chunk(raw)
 
-    def chunk(self, raw: dict[str, Any]) -> None:
+    def chunk(self, raw: _RawEntry) -> None:
         if self.file < 0:
             raise self.error("a chunk that follows no regular file still missing data")
-        name = raw.get("name")
+        name = raw.name
         if name and name != self.file_name:
             raise self.error(f"chunk of {name!r} follows the entry for {self.file_name!r}")
-        chunk_type = raw.get("chunkType")
+        chunk_type = raw.chunk_type
         if chunk_type and chunk_type not in _CHUNK_TYPES:
             raise self.error(f"unknown chunkType {chunk_type!r}")
-        integer = self.integer
-        file_offset = integer(raw, "chunkOffset", MAX_SIZE)
+        file_offset = raw.chunk_offset or 0
         if file_offset != self.covered:
             raise self.error(
                 f"chunk of {self.file_name!r} at {file_offset}, where the chunks before it "
                 f"end at {self.covered}"
             )
-        size = integer(raw, "chunkSize", MAX_SIZE) or self.file_size - file_offset
+        size = raw.chunk_size or self.file_size - file_offset
         if file_offset + size > self.file_size:
             raise self.error(
                 f"chunk of {self.file_name!r} ends at {file_offset + size}, past the file's "
@@ -348,9 +369,9 @@ class _Parser:
         self.owner.append(self.file)
         self.file_offsets.append(file_offset)
         self.sizes.append(size)
-        self.offsets.append(integer(raw, "offset", MAX_OFFSET))
-        self.inners.append(integer(raw, "innerOffset", MAX_OFFSET))
-        self.digests.append(self.digest(raw, "chunkDigest"))
+        self.offsets.append(raw.offset or 0)
+        self.inners.append(raw.inner_offset or 0)
+        self.digests.append(self.digest("chunkDigest", raw.chunk_digest))
         self.covered += size
         if self.covered == self.file_size:
             self.finish_file()
@@ -367,7 +388,7 @@ class _Parser:
         first, digests = self.file_first_chunk, self.digests
         if len(digests) - first == 1 and digests[first] is None:
             # One chunk: the file's digest is its digest.
-            digests[first] = self.digest({"digest": self.file_digest}, "digest")
+            digests[first] = self.digest("digest", self.file_digest)
         if self.undigested is None and None in digests[first:]:
             # Original stargz wrote no digests: nothing to verify chunks by,
             # which is no inconsistency, but no way to serve them safely.
@@ -441,7 +462,7 @@ class _Parser:
             assert digest is not None  # undigested TOCs are not served
             chunk = Chunk(
                 self.file_offsets[position], self.sizes[position], self.offsets[position],
-                self.lengths[position], self.inners[position], Digest(digest),
+                self.lengths[position], self.inners[position], digest,
             )  # fmt: skip
             chunks_of.setdefault(file, []).append(chunk)
         return tuple(
@@ -461,19 +482,15 @@ def parse_entries(
     oddities that do not stop the parse (an mtime clamped to range).
     """
     try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as exc:
+        document = _DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc, data, where) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise TocError(f"{where}: TOC is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise TocError(f"{where}: TOC is not a JSON object")
-    version = document.get("version")
+    version = document.version
     if version != 1 or type(version) is not int:
         return NotServable(f"its TOC has version {version!r}, and imagefs reads version 1")
-    raw_entries = document.get("entries")
-    if raw_entries is None:
-        raw_entries = []
-    if not isinstance(raw_entries, list):
-        raise TocError(f"{where}: TOC entries is not an array")
+    raw_entries = document.entries or []
     if len(raw_entries) > MAX_TOC_ENTRIES:
         return NotServable(f"its TOC lists {len(raw_entries)} entries, over {MAX_TOC_ENTRIES}")
     parser = _Parser(payload_end, where, warn)
@@ -489,3 +506,27 @@ def parse_entries(
     if unservable is not None:
         return unservable
     return parser.result(), parser.data_size
+
+
+def _invalid(exc: msgspec.ValidationError, data: bytes, where: str) -> TocError:
+    """The TocError for a value msgspec refused, naming the entry, the field and the value.
+
+    msgspec says what it expected and where, not what it found: that is
+    looked up in the JSON again (only on this error path).
+    """
+    message = str(exc)
+    match = _AT.fullmatch(message)
+    if match is None:  # at the top: not an object
+        return TocError(f"{where}: TOC is not a JSON object ({message[:1].lower()}{message[1:]})")
+    expected, index, key, _ = match.groups()  # the last: within the field (xattrs[...])
+    expected = expected[:1].lower() + expected[1:]
+    if index is None:  # only the entries have a type to check
+        return TocError(f"{where}: TOC entries is not an array ({expected})")
+    if key is None:
+        return TocError(f"{where}: TOC entry {index}: is not an object ({expected})")
+    try:
+        value = json.loads(data)["entries"][int(index)][key]
+    except (ValueError, RecursionError, LookupError, TypeError):
+        value = "?"
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return TocError(f"{where}: TOC entry {index}: {key} {shown} is invalid ({expected})")
