@@ -110,6 +110,7 @@ from imagefs.errors import (
     MediaTypeError,
 )
 from imagefs.image import Layer
+from imagefs.layers.entry import TarEntry
 from imagefs.layers.gzip import (
     GzipLayerData,
     GzipStream,
@@ -458,6 +459,7 @@ def open_layer_stream(
     hasher: DigestCheck | None = None,
     *,
     compression: Compression | None = None,
+    scanned: Sequence[TarEntry] | None = None,
 ) -> Iterator[LayerStream]:
     """The layer's uncompressed bytes, for one sequential pass (blocking).
 
@@ -472,11 +474,14 @@ def open_layer_stream(
     verified), unless it is there already. ``hasher``: the digest check of
     this blob already under way (see :func:`digests_checked_ahead`).
     ``compression``: what :func:`detect_compression` said, if already asked.
+    ``scanned``: the list the body fills with the tar scanner's entries of
+    the whole stream; a store layer's tamper check (layers.tamper) uses it on
+    normal exit instead of scanning the headers a second time.
     """
     compression = compression or detect_compression(layer)
     rebuilt = rebuilt_of(layer)  # tar-split hook: a store's layer, see layers.rebuilt
     if rebuilt is not None:
-        with _rebuilt_pass(layer, rebuilt) as stream:
+        with _rebuilt_pass(layer, rebuilt, scanned) as stream:
             yield stream
         return
     gzip_index_path = seek_path = None
@@ -500,7 +505,9 @@ def open_layer_stream(
 
 
 @contextmanager
-def _rebuilt_pass(layer: Layer, rebuilt: RebuiltTar) -> Iterator[LayerStream]:
+def _rebuilt_pass(
+    layer: Layer, rebuilt: RebuiltTar, scanned: Sequence[TarEntry] | None
+) -> Iterator[LayerStream]:
     """tar-split hook: the pass over a rebuilt tar is its own digest check (layers.rebuilt)."""
     if layer.descriptor.size > 0 and layer.descriptor.size != rebuilt.size:
         raise DigestMismatchError(
@@ -521,7 +528,7 @@ def _rebuilt_pass(layer: Layer, rebuilt: RebuiltTar) -> Iterator[LayerStream]:
     except BaseException:
         stream.cancel()
         raise
-    stream.verify()
+    stream.verify(scanned)  # only here is the scan known to have read it all
 
 
 @contextmanager

@@ -42,7 +42,7 @@ import struct
 import threading
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from imagefs.digest import Digest, Hasher
@@ -55,6 +55,7 @@ from imagefs.errors import (
 )
 from imagefs.image import Layer
 from imagefs.layers.beneath import Beneath, open_beneath, open_regular
+from imagefs.layers.entry import TarEntry
 from imagefs.layers.plumbing import InUse
 from imagefs.layers.tarsplit import FileRecord, Segment, crc64, crc64_bytes, read_records
 
@@ -444,8 +445,13 @@ class RebuiltPass:
 
     # -- the digest check ------------------------------------------------------------------
 
-    def check(self) -> tuple[Digest, list[Change]]:
-        """Read to the end: the rebuilt tar's digest and every change found (then closed)."""
+    def check(self, scanned: Sequence[TarEntry] | None = None) -> tuple[Digest, list[Change]]:
+        """Read to the end: the rebuilt tar's digest and every change found (then closed).
+
+        ``scanned``: the tar scanner's entries of this whole stream, if a
+        scan read it; the comparison then uses them instead of scanning
+        the headers again (a fifth of a cold store mount's time).
+        """
         try:
             while self._next_piece():
                 self.skip(_READ_CHUNK)
@@ -455,13 +461,16 @@ class RebuiltPass:
             from imagefs.layers.tamper import compare  # noqa: PLC0415 - tamper imports this
 
             headers = self._shape.pieces()
-            return found, compare(self._rebuilt, headers, self._diff_fd, self.problems)
+            return found, compare(self._rebuilt, headers, self._diff_fd, self.problems, scanned)
         finally:
             self.cancel()
 
-    def verify(self) -> None:
-        """Read to the end; LayerModifiedError unless the layer is exactly the image's."""
-        found, changes = self.check()
+    def verify(self, scanned: Sequence[TarEntry] | None = None) -> None:
+        """Read to the end; LayerModifiedError unless the layer is exactly the image's.
+
+        ``scanned``: as for :meth:`check`.
+        """
+        found, changes = self.check(scanned)
         expected = Digest(self._layer.descriptor.digest)
         if found == expected and not changes:
             return

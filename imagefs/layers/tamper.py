@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -178,16 +178,18 @@ def compare(
     headers: Iterator[bytes | int],
     diff_fd: int,
     problems: list[FileProblem],
+    scanned: Sequence[TarEntry] | None = None,
 ) -> list[Change]:
     """Every difference between the layer directory and the record, sorted by path.
 
     ``headers``: the tar without its file data (rebuilt._Shape.pieces);
     ``problems``: what the pass found in the files' bytes (their content is
-    not read again here).
+    not read again here); ``scanned``: the entries a scan of the whole
+    rebuilt tar found, the same the headers would give (then not scanned).
     """
     expected: dict[str, _Expected] = {}
     opaque: dict[str, str] = {}
-    for entry in header_entries(headers):
+    for entry in header_entries(headers) if scanned is None else scanned:
         path = clean_member_name(os.fsencode(entry.path))
         if path is None:
             continue  # cannot be beneath the directory; the engines refuse such layers

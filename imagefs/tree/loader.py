@@ -147,7 +147,9 @@ def scan_layer(
             log.debug("layer %s: scanning", name)
             # With a cache dir the same pass also leaves the gzip checkpoints or
             # the zstd seekable re-encoding there, so open_layer_data decodes nothing.
-            with open_layer_stream(layer, cache, hasher, compression=compression) as stream:
+            with open_layer_stream(
+                layer, cache, hasher, compression=compression, scanned=entries
+            ) as stream:
                 for entry in scan_tar(stream, warn_layer):
                     entries.append(entry)
                     if len(entries) % _PROGRESS_EVERY == 0:
