@@ -360,19 +360,14 @@ class LazyTocLayerData:
                 return self._table
             if self._table_error is not None:
                 raise type(self._table_error)(str(self._table_error))
-            digest, key = self.layer.descriptor.digest, self.fetched.key
+            key = self.fetched.key
             path = None
             if self._cache_dir is not None:
                 path = cache_path(self._cache_dir, self.layer, TOC_CHUNKS, key)
-            if path is not None:
-                self._table = ChunkTable.load(path, digest, key)
-                if self._table is not None:
-                    return self._table
             try:
-                toc = self._parsed_toc()
-                self._table = ChunkTable.from_toc(toc)
-                if path is not None:
-                    self._table.save(path, digest, key)
+                self._table = ChunkTable.cached(
+                    path, self.layer.descriptor.digest, key, self._parsed_toc
+                )
             except ImageFSError as exc:
                 self._table_error = exc
                 raise

@@ -56,7 +56,7 @@ from imagefs.layers.toc.chunks import decode_chunk_from
 from imagefs.layers.toc.limits import NotServable
 from imagefs.layers.toc.locate import TocLocation
 from imagefs.layers.toc.memcache import CHUNK_CACHE_BYTES, DECODED, new_owner, set_chunk_cache_bytes
-from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, TocFormat
+from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocFormat
 from imagefs.layers.toc.read import read_toc
 from imagefs.layers.toc.table import ChunkTable
 
@@ -240,19 +240,19 @@ class TocLayerData:
             if self._table_error is not None:
                 raise type(self._table_error)(str(self._table_error))
             layer, location = self._layer, self._location
-            path = key = None
+            key = _toc_key(location)
+            path = None
             if self._cache_dir is not None:
-                path, key = _table_path(self._cache_dir, layer, location), _toc_key(location)
-                self._table = ChunkTable.load(path, layer.descriptor.digest, key)
-                if self._table is not None:
-                    return self._table
-            try:
+                path = _table_path(self._cache_dir, layer, location)
+
+            def parse() -> Toc:
                 toc = read_toc(self._blob, location, where=self._where, warn=log.debug)
                 if isinstance(toc, NotServable):
                     raise LayerError(f"{self._where}: its TOC cannot be served: {toc.reason}")
-                self._table = ChunkTable.from_toc(toc)
-                if path is not None and key is not None:
-                    self._table.save(path, layer.descriptor.digest, key)
+                return toc
+
+            try:
+                self._table = ChunkTable.cached(path, layer.descriptor.digest, key, parse)
             except ImageFSError as exc:
                 self._table_error = exc
                 raise

@@ -25,6 +25,7 @@ import logging
 import struct
 import zlib
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 from imagefs.cachedir import TOC_CHUNKS, write_atomically
@@ -79,6 +80,24 @@ class ChunkTable:
                 table.entry_index.append(position)
                 digests += bytes.fromhex(chunk.digest.encoded)
         table.digests = bytes(digests)
+        return table
+
+    @classmethod
+    def cached(
+        cls, path: str | None, layer_digest: str, key: str, parse: Callable[[], Toc]
+    ) -> ChunkTable:
+        """The table saved at ``path``, else built from ``parse()`` and saved there.
+
+        ``path`` None: no cache, always built. ``parse`` may raise (an
+        ImageFSError): nothing is saved then.
+        """
+        if path is not None:
+            table = cls.load(path, layer_digest, key)
+            if table is not None:
+                return table
+        table = cls.from_toc(parse())
+        if path is not None:
+            table.save(path, layer_digest, key)
         return table
 
     def __len__(self) -> int:
