@@ -56,7 +56,7 @@ from imagefs.layers.toc.locate import TAIL_SIZE, TocLocation, locate
 from imagefs.layers.toc.memcache import DECODED, new_owner
 from imagefs.layers.toc.model import TOC_DATA_BASE, Toc, TocFormat
 from imagefs.layers.toc.read import read_toc
-from imagefs.layers.toc.table import ChunkTable
+from imagefs.layers.toc.table import ChunkTable, ChunkTableOnce
 
 __all__ = [
     "COALESCE_GAP",
@@ -346,8 +346,9 @@ class LazyTocLayerData:
         self._lock = threading.Lock()
         self._in_use = InUse()
         self._owner = new_owner()
-        self._table: ChunkTable | None = None
-        self._table_error: ImageFSError | None = None
+        key = fetched.key
+        path = cache_path(cache_dir, layer, TOC_CHUNKS, key) if cache_dir is not None else None
+        self._table = ChunkTableOnce(path, layer.descriptor.digest, key, self._parsed_toc)
         self._inflight: dict[int, threading.Event] = {}
         self._names: dict[int, str] = {}
         self.fetched_bytes = 0  # for tests and the bench: what this layer's reads fetched
@@ -355,23 +356,7 @@ class LazyTocLayerData:
     # -- the chunk table ---------------------------------------------------------------
 
     def chunk_table(self) -> ChunkTable:
-        with self._lock:
-            if self._table is not None:
-                return self._table
-            if self._table_error is not None:
-                raise type(self._table_error)(str(self._table_error))
-            key = self.fetched.key
-            path = None
-            if self._cache_dir is not None:
-                path = cache_path(self._cache_dir, self.layer, TOC_CHUNKS, key)
-            try:
-                self._table = ChunkTable.cached(
-                    path, self.layer.descriptor.digest, key, self._parsed_toc
-                )
-            except ImageFSError as exc:
-                self._table_error = exc
-                raise
-            return self._table
+        return self._table.get()
 
     def _parsed_toc(self) -> Toc:
         fetched = self.fetched if self.fetched.raw is not None else None

@@ -58,7 +58,7 @@ from imagefs.layers.toc.locate import TocLocation
 from imagefs.layers.toc.memcache import CHUNK_CACHE_BYTES, DECODED, new_owner, set_chunk_cache_bytes
 from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocFormat
 from imagefs.layers.toc.read import read_toc
-from imagefs.layers.toc.table import ChunkTable
+from imagefs.layers.toc.table import ChunkTable, ChunkTableOnce
 
 __all__ = [
     "CHUNK_CACHE_BYTES",
@@ -218,8 +218,10 @@ class TocLayerData:
         self._lock = threading.Lock()
         self._in_use = InUse()
         self._owner = new_owner()
-        self._table: ChunkTable | None = None
-        self._table_error: ImageFSError | None = None
+        path = _table_path(cache_dir, layer, location) if cache_dir is not None else None
+        self._table = ChunkTableOnce(
+            path, layer.descriptor.digest, _toc_key(location), self._parse_toc
+        )
         self._stream: RandomAccess | None = None
         self._names: dict[int, str] = {}  # of files whose chunks failed
 
@@ -233,30 +235,11 @@ class TocLayerData:
 
     # -- the TOC's data space ------------------------------------------------------------
 
-    def _chunk_table(self) -> ChunkTable:
-        with self._lock:
-            if self._table is not None:
-                return self._table
-            if self._table_error is not None:
-                raise type(self._table_error)(str(self._table_error))
-            layer, location = self._layer, self._location
-            key = _toc_key(location)
-            path = None
-            if self._cache_dir is not None:
-                path = _table_path(self._cache_dir, layer, location)
-
-            def parse() -> Toc:
-                toc = read_toc(self._blob, location, where=self._where, warn=log.debug)
-                if isinstance(toc, NotServable):
-                    raise LayerError(f"{self._where}: its TOC cannot be served: {toc.reason}")
-                return toc
-
-            try:
-                self._table = ChunkTable.cached(path, layer.descriptor.digest, key, parse)
-            except ImageFSError as exc:
-                self._table_error = exc
-                raise
-            return self._table
+    def _parse_toc(self) -> Toc:
+        toc = read_toc(self._blob, self._location, where=self._where, warn=log.debug)
+        if isinstance(toc, NotServable):
+            raise LayerError(f"{self._where}: its TOC cannot be served: {toc.reason}")
+        return toc
 
     def _file_name(self, table: ChunkTable, index: int) -> str:
         """The name of the file chunk ``index`` belongs to, for messages.
@@ -310,7 +293,7 @@ class TocLayerData:
         return data
 
     def _read_toc_space(self, start: int, size: int) -> bytes:
-        table = self._chunk_table()
+        table = self._table.get()
         end = min(start + size, table.data_size)
         if start >= end:
             return b""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import threading
 import zlib
 from array import array
 from collections.abc import Callable
@@ -30,9 +31,10 @@ from typing import Any
 
 from imagefs.cachedir import TOC_CHUNKS, write_atomically
 from imagefs.digest import Digest
+from imagefs.errors import ImageFSError
 from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocFormat
 
-__all__ = ["ChunkTable"]
+__all__ = ["ChunkTable", "ChunkTableOnce"]
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +82,6 @@ class ChunkTable:
                 table.entry_index.append(position)
                 digests += bytes.fromhex(chunk.digest.encoded)
         table.digests = bytes(digests)
-        return table
-
-    @classmethod
-    def cached(
-        cls, path: str | None, layer_digest: str, key: str, parse: Callable[[], Toc]
-    ) -> ChunkTable:
-        """The table saved at ``path``, else built from ``parse()`` and saved there.
-
-        ``path`` None: no cache, always built. ``parse`` may raise (an
-        ImageFSError): nothing is saved then.
-        """
-        if path is not None:
-            table = cls.load(path, layer_digest, key)
-            if table is not None:
-                return table
-        table = cls.from_toc(parse())
-        if path is not None:
-            table.save(path, layer_digest, key)
         return table
 
     def __len__(self) -> int:
@@ -174,3 +158,42 @@ class ChunkTable:
         at += 4 * count
         table.digests = body[at:]
         return table
+
+
+class ChunkTableOnce:
+    """A TOC layer reader's chunk table, made at its first use (thread-safe).
+
+    Loaded from ``path`` (None: no cache), else built from ``parse()`` and
+    saved there. A failure (an ImageFSError from ``parse``) is kept and
+    raised again at each later use, so a bad TOC is not parsed at every read.
+    """
+
+    def __init__(
+        self, path: str | None, layer_digest: str, key: str, parse: Callable[[], Toc]
+    ) -> None:
+        self._path = path
+        self._layer_digest = layer_digest
+        self._key = key
+        self._parse = parse
+        self._lock = threading.Lock()
+        self._table: ChunkTable | None = None
+        self._error: ImageFSError | None = None
+
+    def get(self) -> ChunkTable:
+        with self._lock:
+            if self._table is not None:
+                return self._table
+            if self._error is not None:
+                raise type(self._error)(str(self._error))
+            path, digest, key = self._path, self._layer_digest, self._key
+            table = ChunkTable.load(path, digest, key) if path is not None else None
+            if table is None:
+                try:
+                    table = ChunkTable.from_toc(self._parse())
+                except ImageFSError as exc:
+                    self._error = exc
+                    raise
+                if path is not None:
+                    table.save(path, digest, key)
+            self._table = table
+            return table
