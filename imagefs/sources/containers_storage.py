@@ -34,6 +34,7 @@ from imagefs.sources.extracted import (
     is_hex_id,
     load_store_json,
     open_store,
+    read_store_file,
     resolve_image,
 )
 from imagefs.sources.hoststore import StoreImage
@@ -216,16 +217,9 @@ def open_containers_storage(
         layers = _layers(load_store_json(store, layers_at), store.path(layers_at))
         chain = _chain(top, layers, store.path(layers_at))
         config_at = f"{_DRIVER}-images/{chosen.id}/{big_data_name('sha256:' + chosen.id)}"
-        try:
-            config = store.read(config_at, MAX_CONFIG)
-        except FileNotFoundError:
-            raise SourceNotFoundError(
-                f"{store.path(config_at)}: the image's config is missing"
-            ) from None
-        except OSError as exc:
-            raise ManifestError(
-                f"{store.path(config_at)}: cannot read: {exc.strerror or exc}"
-            ) from exc
+        config = read_store_file(
+            store, config_at, MAX_CONFIG, missing="the image's config is missing"
+        )
         manifest = chosen.digests[0] if len(chosen.digests) == 1 else ""
         digest = get_str(obj, "digest", where, required=False)
         return build_image(

@@ -35,6 +35,7 @@ from imagefs.sources.extracted import (
     is_hex_id,
     load_store_json,
     open_store,
+    read_store_file,
     resolve_image,
 )
 from imagefs.sources.hoststore import StoreImage
@@ -98,12 +99,31 @@ def _all_ids(store: Beneath) -> list[str]:
 
 
 def _small_text(store: Beneath, relpath: str) -> str:
+    data = read_store_file(store, relpath, _SMALL, missing="missing")
     try:
-        return store.read(relpath, _SMALL).decode("ascii").strip()
-    except FileNotFoundError:
-        raise SourceNotFoundError(f"{store.path(relpath)}: missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError as exc:
         raise ManifestError(f"{store.path(relpath)}: cannot read: {exc}") from exc
+
+
+def _indexed_images(store: Beneath) -> list[IndexedImage]:
+    """The tagged images of repositories.json, then every other image ID of imagedb."""
+    repositories = f"{_IMAGES}/repositories.json"
+    try:
+        named = _images(load_store_json(store, repositories), store.path(repositories))
+    except SourceNotFoundError:
+        named = []  # no tag at all yet: IDs still resolve
+    known = {image.id for image in named}
+    return named + [IndexedImage(i, ()) for i in _all_ids(store) if i not in known]
+
+
+def _verified_config(store: Beneath, image_id: str) -> tuple[bytes, str]:
+    """The image's config bytes, checked against its ID, and where they were read."""
+    config_at = f"{_IMAGES}/imagedb/content/sha256/{image_id}"
+    data = read_store_file(store, config_at, MAX_CONFIG, missing="the image's config is missing")
+    where = store.path(config_at)
+    Digest(f"sha256:{image_id}").verify(data, where=where, over=f"{len(data)} bytes of config")
+    return data, where
 
 
 def _layer(store: Beneath, chain_id: str, diff_id: str) -> StoreLayer:
@@ -142,21 +162,10 @@ def list_docker_images(root: str) -> list[StoreImage]:
     root = os.path.abspath(root)
     found = []
     with open_store(root, TRANSPORT) as store:
-        repositories = f"{_IMAGES}/repositories.json"
-        try:
-            named = _images(load_store_json(store, repositories), store.path(repositories))
-        except SourceNotFoundError:
-            named = []
-        known = {image.id for image in named}
-        images = named + [IndexedImage(i, ()) for i in _all_ids(store) if i not in known]
-        for image in images:
+        for image in _indexed_images(store):
             created, size = "", None
-            config_at = f"{_IMAGES}/imagedb/content/sha256/{image.id}"
             try:
-                data = store.read(config_at, MAX_CONFIG)
-                Digest(f"sha256:{image.id}").verify(data, where=store.path(config_at),
-                                                    over="the config")  # fmt: skip
-                config = parse_config(data, store.path(config_at))
+                config = parse_config(*_verified_config(store, image.id))
                 raw = config.raw.get("created")
                 created = raw if isinstance(raw, str) else ""
                 size = 0
@@ -196,31 +205,11 @@ def open_docker_store(
                 f"{TRANSPORT}:{root}: no {_IMAGES}: not a Docker data root with the overlay2 "
                 "storage driver (others, and the containerd image store, are not supported)"
             )
-        repositories = f"{_IMAGES}/repositories.json"
-        try:
-            named = _images(load_store_json(store, repositories), store.path(repositories))
-        except SourceNotFoundError:
-            named = []  # no tag at all yet: IDs still resolve
-        known = {image.id for image in named}
-        images = named + [IndexedImage(i, ()) for i in _all_ids(store) if i not in known]
-        chosen = resolve_image(ref, images, f"{TRANSPORT}:{root}")
-        config_at = f"{_IMAGES}/imagedb/content/sha256/{chosen.id}"
-        try:
-            config_data = store.read(config_at, MAX_CONFIG)
-        except FileNotFoundError:
-            raise SourceNotFoundError(
-                f"{store.path(config_at)}: the image's config is missing"
-            ) from None
-        except OSError as exc:
-            raise ManifestError(
-                f"{store.path(config_at)}: cannot read: {exc.strerror or exc}"
-            ) from exc
-        # The diff_ids are needed to find the layers; build_image verifies the
-        # config's digest before anything else is trusted from it.
-        Digest(f"sha256:{chosen.id}").verify(
-            config_data, where=store.path(config_at), over=f"{len(config_data)} bytes of config"
-        )
-        diff_ids = parse_config(config_data, store.path(config_at)).diff_ids
+        chosen = resolve_image(ref, _indexed_images(store), f"{TRANSPORT}:{root}")
+        # The diff_ids are needed to find the layers, so the config's digest is
+        # checked here, before anything is trusted from it (build_image checks it too).
+        config_data, config_where = _verified_config(store, chosen.id)
+        diff_ids = parse_config(config_data, config_where).diff_ids
         layers = [
             _layer(store, chain_id, diff_id)
             for chain_id, diff_id in zip(chain_ids(diff_ids), diff_ids, strict=True)
@@ -232,7 +221,7 @@ def open_docker_store(
             transport=TRANSPORT,
             image_id=chosen.id,
             config_data=config_data,
-            config_where=store.path(config_at),
+            config_where=config_where,
             layers=layers,
             manifest_digest=manifest,
             allow_modified=allow_modified,

@@ -67,16 +67,25 @@ def open_store(root: str, what: str) -> Beneath:
         raise SourceError(f"{what} store {root}: cannot open: {exc.strerror or exc}") from exc
 
 
-def load_store_json(store: Beneath, relpath: str, limit: int = MAX_INDEX) -> Any:
-    """A JSON file of the store, read beneath its root (no symlink followed), bounded."""
-    where = store.path(relpath)
+def read_store_file(
+    store: Beneath, relpath: str, limit: int, *, missing: str = "no such file"
+) -> bytes:
+    """A file of the store, read beneath its root (no symlink followed), bounded.
+
+    SourceNotFoundError (``missing`` says what its absence means) if it is
+    not there; ManifestError if it cannot be read.
+    """
     try:
-        data = store.read(relpath, limit)
+        return store.read(relpath, limit)
     except FileNotFoundError:
-        raise SourceNotFoundError(f"{where}: no such file") from None
+        raise SourceNotFoundError(f"{store.path(relpath)}: {missing}") from None
     except OSError as exc:
-        raise ManifestError(f"{where}: cannot read: {exc.strerror or exc}") from exc
-    return load_json(data, where, limit=limit)
+        raise ManifestError(f"{store.path(relpath)}: cannot read: {exc.strerror or exc}") from exc
+
+
+def load_store_json(store: Beneath, relpath: str, limit: int = MAX_INDEX) -> Any:
+    """A JSON file of the store, read as :func:`read_store_file` does."""
+    return load_json(read_store_file(store, relpath, limit), store.path(relpath), limit=limit)
 
 
 @dataclass(frozen=True, slots=True)
