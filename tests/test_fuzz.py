@@ -450,17 +450,17 @@ def _check_toc(toc: Toc | NotServable, payload_end: int) -> None:
         return
     space = TOC_DATA_BASE
     last = (-1, -1)
-    for item in toc.entries:
-        entry = item.entry
+    for position, entry in enumerate(toc.entries):
+        chunks = toc.chunks.chunks_of(position)
         assert _toc_clean(entry.path) and (entry.type is not EntryType.HARDLINK or
                                            _toc_clean(entry.linkname))  # fmt: skip
         if entry.type is not EntryType.FILE:
-            assert entry.size == 0 and not item.chunks
+            assert entry.size == 0 and not chunks
             continue
         assert entry.data_offset == space
         space += entry.size
         covered = 0
-        for chunk in item.chunks:
+        for chunk in chunks:
             assert chunk.file_offset == covered and chunk.size > 0
             covered += chunk.size
             if entry.path != "stargz.index.json":
@@ -468,6 +468,9 @@ def _check_toc(toc: Toc | NotServable, payload_end: int) -> None:
                 assert (chunk.offset, chunk.inner_offset) > last
                 last = (chunk.offset, chunk.inner_offset)
         assert covered == entry.size
+    assert len(toc.chunks) == sum(
+        len(toc.chunks.chunks_of(position)) for position in range(len(toc.entries))
+    )
     assert space - TOC_DATA_BASE == toc.data_size
 
 
@@ -502,13 +505,13 @@ def test_toc_readers_on_mutated_blobs(
         return
     _check_toc(toc, location.payload_end)
     if isinstance(toc, Toc):
-        for item in toc.entries:
-            for chunk in item.chunks:
-                compressed = data[chunk.offset : chunk.offset + chunk.length]
-                try:
-                    decode_chunk(toc.format, chunk, compressed, where="fuzz")
-                except ImageFSError:
-                    pass
+        for index in range(len(toc.chunks)):
+            chunk = toc.chunks.chunk(index)
+            compressed = data[chunk.offset : chunk.offset + chunk.length]
+            try:
+                decode_chunk(toc.format, chunk, compressed, where="fuzz")
+            except ImageFSError:
+                pass
 
 
 toc_ints = st.integers(0, 1 << 20) | st.integers(-3, 1 << 64) | json_values
@@ -549,16 +552,15 @@ toc_entries = st.fixed_dictionaries(
 def test_toc_json_parser_raises_only_toc_errors(document: object) -> None:
     data = json.dumps(document).encode()
     try:
-        parsed = parse_entries(data, payload_end=PAYLOAD_END, where="fuzz", warn=lambda _: None)
+        parsed = parse_entries(data, toc_format=TocFormat.ESTARGZ, payload_end=PAYLOAD_END,
+                               where="fuzz", warn=lambda _: None)  # fmt: skip
     except TocError as exc:
         assert "\n" not in str(exc)
         return
     if isinstance(parsed, NotServable):
         return
-    entries, data_size = parsed
-    _check_toc(
-        Toc(TocFormat.ESTARGZ, Digest.of(data), entries, PAYLOAD_END, data_size), PAYLOAD_END
-    )
+    entries, chunks = parsed
+    _check_toc(Toc(TocFormat.ESTARGZ, Digest.of(data), entries, chunks, PAYLOAD_END), PAYLOAD_END)
 
 
 @FUZZ

@@ -101,12 +101,16 @@ def _scanned(tar: bytes) -> list[TarEntry]:
 
 
 def _file_bytes(crafted: Crafted, toc: Toc, path: str) -> bytes:
-    entry = next(e for e in toc.entries if e.entry.path == path)
     return b"".join(
         decode_chunk(toc.format, chunk, crafted.blob[chunk.offset : chunk.offset + chunk.length],
                      where=WHERE)
-        for chunk in entry.chunks
+        for chunk in _chunks(toc, path)
     )  # fmt: skip
+
+
+def _chunks(toc: Toc, path: str) -> tuple[Chunk, ...]:
+    position = next(i for i, entry in enumerate(toc.entries) if entry.path == path)
+    return toc.chunks.chunks_of(position)
 
 
 # --------------------------------------------------------------------------- whole TOCs
@@ -120,7 +124,7 @@ def test_entries_are_what_the_tar_scanner_sees(kind: str) -> None:
         crafted = estargz(ITEMS, chunk_size=100_000, legacy=kind == "estargz-legacy")
     toc = _read(crafted)
     tar = _scanned(crafted.tar)
-    from_toc = [item.entry for item in toc.entries]
+    from_toc = list(toc.entries)
     assert len(from_toc) == len(tar)
     for mine, theirs in zip(from_toc, tar, strict=True):
         # What the formats cannot say: containers/storage records no user or
@@ -142,19 +146,18 @@ def _comparable(entry: TarEntry) -> TarEntry:
 def test_the_data_space_is_the_files_back_to_back() -> None:
     toc = _read(estargz(ITEMS, chunk_size=100_000))
     expected = TOC_DATA_BASE
-    for item in toc.entries:
-        if item.entry.type is EntryType.FILE:
-            assert item.entry.data_offset == expected
-            assert sum(chunk.size for chunk in item.chunks) == item.entry.size
-            expected += item.entry.size
+    for position, entry in enumerate(toc.entries):
+        if entry.type is EntryType.FILE:
+            assert entry.data_offset == expected
+            assert sum(chunk.size for chunk in toc.chunks.chunks_of(position)) == entry.size
+            expected += entry.size
     assert toc.data_size == expected - TOC_DATA_BASE
-    big = next(item for item in toc.entries if item.entry.path == "bin/big")
-    assert [chunk.file_offset for chunk in big.chunks] == [0, 100_000, 200_000]
+    assert [chunk.file_offset for chunk in _chunks(toc, "bin/big")] == [0, 100_000, 200_000]
 
 
 def test_estargz_user_names_carry_forward_per_uid() -> None:
     toc = _read(estargz(ITEMS))
-    by_path = {item.entry.path: item.entry for item in toc.entries}
+    by_path = {entry.path: entry for entry in toc.entries}
     assert (by_path["usr/m"].uname, by_path["usr/m"].gname) == ("user", "users")
     assert by_path["etc/shadow"].gname == "shadow"
 
@@ -365,7 +368,7 @@ def test_mtimes_beyond_the_range_are_clamped_with_a_warning() -> None:
     seen: list[str] = []
     toc = read_toc(BytesBlob(crafted.blob), _locate(crafted), where=WHERE, warn=seen.append)
     assert isinstance(toc, Toc)
-    entry = next(e.entry for e in toc.entries if e.entry.path == "etc/passwd")
+    entry = next(e for e in toc.entries if e.path == "etc/passwd")
     assert entry.mtime_ns == (1 << 63) - 1
     assert seen == ["TOC entry 'etc/passwd': mtime out of range, clamped"]
 
@@ -533,8 +536,8 @@ def test_a_toc_piece_at_a_time_for_a_big_toc_file(tmp_path: Path) -> None:
     crafted = estargz(many)
     assert len(crafted.toc_json) > TOC_PIECE
     toc = _read(crafted)
-    toc_file = toc.entries[-1]
-    assert len(toc_file.chunks) > 1
+    assert toc.entries[-1].path == "stargz.index.json"
+    assert len(toc.chunks.chunks_of(len(toc.entries) - 1)) > 1
     assert _file_bytes(crafted, toc, "stargz.index.json") == crafted.toc_json
 
 
@@ -614,7 +617,7 @@ def test_errors_name_the_layer_and_the_file(tmp_path: Path) -> None:
     layer = open_image(source).layers[0]
     passwd = next(entry for entry in entries if entry.path == "etc/passwd")
     toc = _read(crafted)
-    chunk = next(e for e in toc.entries if e.entry.path == "etc/passwd").chunks[0]
+    chunk = _chunks(toc, "etc/passwd")[0]
     path = Path(layer.blob.path)
     blob = bytearray(path.read_bytes())
     data = open_layer_data(layer)

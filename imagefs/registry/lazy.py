@@ -247,7 +247,7 @@ class LazyImage:
                 continue
             toc, fetched = parsed
             self.tocs[index] = fetched
-            found[index] = mark_bookkeeping(layer, (item.entry for item in toc.entries))
+            found[index] = mark_bookkeeping(layer, toc.entries)
             log.debug("layer %s: %d entries from its %s TOC, fetched by range (%d bytes)", name,
                       len(found[index]), toc.format.value, fetched.location.length)  # fmt: skip
         return found

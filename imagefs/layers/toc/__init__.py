@@ -13,8 +13,9 @@ it as the local reads do):
   annotations -> where the TOC is and which digests it must match;
 * :mod:`~.read`: the TOC read through a :class:`~.read.BlobReader`, checked
   against those digests, parsed (:mod:`~.jsontoc`, both JSON dialects) into
-  a :class:`~.model.Toc` of :class:`~.model.TocEntry` records (a
-  :class:`~imagefs.layers.entry.TarEntry` plus its :class:`~.model.Chunk` s);
+  a :class:`~.model.Toc`: the :class:`~imagefs.layers.entry.TarEntry` of
+  every member, and every file's :class:`~.model.Chunk` s in one
+  :class:`~.table.ChunkTable`;
 * :mod:`~.chunks`: a chunk's compressed bytes -> its verified bytes;
 * :mod:`~.limits`: what a TOC may cost.
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 from imagefs.layers.toc.chunks import decode_chunk
 from imagefs.layers.toc.limits import NotServable
 from imagefs.layers.toc.locate import TocLocation, locate
-from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocEntry, TocFormat
+from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocFormat
 from imagefs.layers.toc.read import BlobReader, read_toc
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "Chunk",
     "NotServable",
     "Toc",
-    "TocEntry",
     "TocFormat",
     "TocLocation",
     "decode_chunk",

@@ -291,8 +291,8 @@ def parse_fetched(
         return toc
     prefetch_end = 0
     if TOC_DIGEST_ANNOTATION in dict(layer.descriptor.annotations):  # eStargz-written
-        for position, item in enumerate(toc.entries):
-            if _root_name(item.entry.path) == PREFETCH_LANDMARK:
+        for position, entry in enumerate(toc.entries):
+            if _root_name(entry.path) == PREFETCH_LANDMARK:
                 prefetch_end = position
                 break
     fetched = FetchedToc(fetched.location, fetched.tail, fetched.raw, prefetch_end,
@@ -302,7 +302,7 @@ def parse_fetched(
             _save_fetched(cache_dir, layer, fetched)
         table_path = cache_path(cache_dir, layer, TOC_CHUNKS, fetched.key)
         if ChunkTable.load(table_path, layer.descriptor.digest, fetched.key) is None:
-            ChunkTable.from_toc(toc).save(table_path, layer.descriptor.digest, fetched.key)
+            toc.chunks.save(table_path, layer.descriptor.digest, fetched.key)
     return toc, fetched
 
 
@@ -378,7 +378,7 @@ class LazyTocLayerData:
             name = f"TOC entry {position}"
             try:
                 toc = self._parsed_toc()
-                name = repr(toc.entries[position].entry.path)
+                name = repr(toc.entries[position].path)
             except (ImageFSError, IndexError):
                 pass
             if len(self._names) < _NAMES_KEPT:

@@ -171,8 +171,8 @@ def scan_toc_layer(
         except BaseException:
             check.cancel()
             raise
-    entries = mark_bookkeeping(layer, (item.entry for item in toc.entries))
-    chunks = sum(len(item.chunks) for item in toc.entries)
+    entries = mark_bookkeeping(layer, toc.entries)
+    chunks = len(toc.chunks)
     log.debug(
         "layer %s: %d entries, %d chunks from its %s TOC (%d TOC bytes read, the blob "
         "hashed, no file data decompressed)",
@@ -181,8 +181,7 @@ def scan_toc_layer(
     if cache_dir is not None:
         layer_index.save(cache_dir, layer, entries, warnings, version=TOC_INDEX, key=key)
         # What the daemon's first read of this layer needs, so it need not parse again.
-        table = ChunkTable.from_toc(toc)
-        table.save(_table_path(cache_dir, layer, location), layer.descriptor.digest,
+        toc.chunks.save(_table_path(cache_dir, layer, location), layer.descriptor.digest,
                    _toc_key(location))  # fmt: skip
     return entries
 
@@ -254,7 +253,7 @@ class TocLayerData:
             try:
                 toc = read_toc(self._blob, self._location, where=self._where, warn=log.debug)
                 if not isinstance(toc, NotServable):
-                    name = repr(toc.entries[position].entry.path)
+                    name = repr(toc.entries[position].path)
             except (ImageFSError, IndexError):
                 pass
             if len(self._names) < _NAMES_KEPT:

@@ -30,11 +30,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from imagefs.digest import Digest
 from imagefs.layers.entry import TarEntry
 
-__all__ = ["TOC_DATA_BASE", "Chunk", "Toc", "TocEntry", "TocFormat"]
+if TYPE_CHECKING:  # the table module builds on this one
+    from imagefs.layers.toc.table import ChunkTable
+
+__all__ = ["TOC_DATA_BASE", "Chunk", "Toc", "TocFormat"]
 
 TOC_DATA_BASE = 1 << 62
 
@@ -68,31 +72,26 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
-class TocEntry:
-    """One member of the layer: its tar metadata and, for a regular file, its chunks.
-
-    ``entry.data_offset`` is in the TOC data space (module docstring). The
-    chunks of a file cover it exactly, in order; files of size 0 and other
-    types have none.
-    """
-
-    entry: TarEntry
-    chunks: tuple[Chunk, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
 class Toc:
     """A verified, checked table of contents.
 
-    ``digest`` is the sha256 of the TOC JSON (what eStargz's
-    ``containerd.io/snapshot/stargz/toc.digest`` annotation names).
-    ``payload_end`` is where the TOC starts in the blob: every chunk lies
-    before it. ``data_size`` is the size of the data space (the sum of the
-    regular files' sizes).
+    ``entries`` are the layer's members in TOC order, as the tar scanner
+    would report them (``data_offset`` in the TOC data space); ``chunks``
+    holds where every regular file's chunks lie, by entry position
+    (:class:`~.table.ChunkTable`: flat arrays, no object per chunk, since
+    a TOC may list hundreds of thousands). ``digest`` is the sha256 of the
+    TOC JSON (what eStargz's ``containerd.io/snapshot/stargz/toc.digest``
+    annotation names). ``payload_end`` is where the TOC starts in the blob:
+    every chunk lies before it.
     """
 
     format: TocFormat
     digest: Digest
-    entries: tuple[TocEntry, ...]
+    entries: tuple[TarEntry, ...]
+    chunks: ChunkTable
     payload_end: int
-    data_size: int
+
+    @property
+    def data_size(self) -> int:
+        """The size of the data space (the sum of the regular files' sizes)."""
+        return self.chunks.data_size

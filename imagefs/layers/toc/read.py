@@ -17,14 +17,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
-from imagefs.digest import Digest
+from imagefs.digest import Digest, check
 from imagefs.errors import TocError
 from imagefs.layers.entry import TarEntry
 from imagefs.layers.toc import estargz, zstdchunked
 from imagefs.layers.toc.jsontoc import parse_entries
 from imagefs.layers.toc.limits import MAX_TOC_BYTES, NotServable
 from imagefs.layers.toc.locate import TocLocation
-from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocEntry, TocFormat
+from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocFormat
+from imagefs.layers.toc.table import ChunkTable
 
 __all__ = ["TOC_PIECE", "BlobReader", "read_toc"]
 
@@ -82,26 +83,34 @@ def read_toc(
             return decoded
         document, toc_entry = decoded
     digest = Digest.of(document)
-    if location.json_digest is not None:
-        location.json_digest.verify(
-            document,
+    expected_json = location.json_digest
+    if expected_json is not None:
+        # Hashed once: a big TOC is tens of MB of JSON.
+        found = digest if expected_json.algorithm == digest.algorithm else None
+        check(
+            expected_json,
+            found or Digest.of(document, expected_json.algorithm),
             where=f"{where}: {location.format.value} TOC",
             over="the TOC JSON (toc.digest)",
         )
-    parsed = parse_entries(document, payload_end=location.payload_end, where=where, warn=warn)
+    parsed = parse_entries(document, toc_format=location.format,
+                           payload_end=location.payload_end, where=where, warn=warn)  # fmt: skip
     if isinstance(parsed, NotServable):
         return parsed
-    entries, data_size = parsed
+    entries, chunks = parsed
     if toc_entry is not None:
         # The TOC's own tar entry: a file of the layer, whose bytes are the JSON.
-        entries = (*entries, _toc_file(toc_entry, document, location, data_size))
-        data_size += len(document)
-    return Toc(location.format, digest, entries, location.payload_end, data_size)
+        entries = (*entries, _toc_file(toc_entry, document, location, chunks, len(entries)))
+    return Toc(location.format, digest, entries, chunks, location.payload_end)
 
 
-def _toc_file(entry: TarEntry, document: bytes, location: TocLocation, data_size: int) -> TocEntry:
-    chunks = tuple(
-        Chunk(
+def _toc_file(
+    entry: TarEntry, document: bytes, location: TocLocation, chunks: ChunkTable, position: int
+) -> TarEntry:
+    """The TOC's tar entry as entry ``position``, its pieces appended to ``chunks``."""
+    base = chunks.data_size
+    for start in range(0, len(document), TOC_PIECE):
+        piece = Chunk(
             file_offset=start,
             size=min(TOC_PIECE, len(document) - start),
             offset=location.offset,
@@ -109,6 +118,6 @@ def _toc_file(entry: TarEntry, document: bytes, location: TocLocation, data_size
             inner_offset=entry.data_offset + start,
             digest=Digest.of(document[start : start + TOC_PIECE]),
         )
-        for start in range(0, len(document), TOC_PIECE)
-    )
-    return TocEntry(replace(entry, data_offset=TOC_DATA_BASE + data_size), chunks)
+        chunks.append(base + start, piece, position)
+    chunks.data_size = base + len(document)
+    return replace(entry, data_offset=TOC_DATA_BASE + base)

@@ -26,13 +26,14 @@ import struct
 import threading
 import zlib
 from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from typing import Any
 
 from imagefs.cachedir import TOC_CHUNKS, write_atomically
 from imagefs.digest import Digest
 from imagefs.errors import ImageFSError
-from imagefs.layers.toc.model import TOC_DATA_BASE, Chunk, Toc, TocFormat
+from imagefs.layers.toc.model import Chunk, Toc, TocFormat
 
 __all__ = ["ChunkTable", "ChunkTableOnce"]
 
@@ -67,22 +68,53 @@ class ChunkTable:
         self.digests = b""
 
     @classmethod
-    def from_toc(cls, toc: Toc) -> ChunkTable:
-        table = cls(toc.format, toc.data_size)
-        digests = bytearray()
-        for position, item in enumerate(toc.entries):
-            base = item.entry.data_offset - TOC_DATA_BASE
-            for chunk in item.chunks:
-                table.starts.append(base + chunk.file_offset)
-                table.sizes.append(chunk.size)
-                table.offsets.append(chunk.offset)
-                table.lengths.append(chunk.length)
-                table.inner.append(chunk.inner_offset)
-                table.file_offsets.append(chunk.file_offset)
-                table.entry_index.append(position)
-                digests += bytes.fromhex(chunk.digest.encoded)
-        table.digests = bytes(digests)
+    def from_columns(
+        cls,
+        toc_format: TocFormat,
+        data_size: int,
+        *,
+        starts: list[int],
+        sizes: list[int],
+        offsets: list[int],
+        lengths: list[int],
+        inner: list[int],
+        file_offsets: list[int],
+        entry_index: list[int],
+        digests: bytes,
+    ) -> ChunkTable:
+        """A table from one list per column (the TOC parser's), converted in C."""
+        table = cls(toc_format, data_size)
+        table.starts = array("Q", starts)
+        table.sizes = array("Q", sizes)
+        table.offsets = array("Q", offsets)
+        table.lengths = array("Q", lengths)
+        table.inner = array("Q", inner)
+        table.file_offsets = array("Q", file_offsets)
+        table.entry_index = array("I", entry_index)
+        if len(digests) != _DIGEST_SIZE * len(starts) or not all(
+            len(column) == len(starts)
+            for column in (sizes, offsets, lengths, inner, file_offsets, entry_index)
+        ):
+            raise ValueError("chunk table columns of different lengths")
+        table.digests = digests
         return table
+
+    def append(self, start: int, chunk: Chunk, position: int) -> None:
+        """Add ``chunk`` at data-space offset ``start``, of TOC entry ``position``."""
+        self.starts.append(start)
+        self.sizes.append(chunk.size)
+        self.offsets.append(chunk.offset)
+        self.lengths.append(chunk.length)
+        self.inner.append(chunk.inner_offset)
+        self.file_offsets.append(chunk.file_offset)
+        self.entry_index.append(position)
+        self.digests += bytes.fromhex(chunk.digest.encoded)
+
+    def chunks_of(self, position: int) -> tuple[Chunk, ...]:
+        """The chunks of TOC entry ``position``, in order (entry_index never decreases)."""
+        first = bisect_left(self.entry_index, position)
+        end = bisect_right(self.entry_index, position, first)
+        return tuple(self.chunk(index) for index in range(first, end))
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -189,7 +221,7 @@ class ChunkTableOnce:
             table = ChunkTable.load(path, digest, key) if path is not None else None
             if table is None:
                 try:
-                    table = ChunkTable.from_toc(self._parse())
+                    table = self._parse().chunks
                 except ImageFSError as exc:
                     self._error = exc
                     raise
