@@ -192,27 +192,27 @@ def implied_directory(layer: int) -> Node:
 
 
 def node_from_entry(entry: TarEntry, layer: int) -> Node:
-    node = Node(
-        type=entry.type,
-        mode=entry.mode & 0o7777,
-        uid=entry.uid,
-        gid=entry.gid,
-        mtime_ns=entry.mtime_ns,
-        layer=layer,
-        xattrs=dict(entry.xattrs),
-    )
-    if entry.type is EntryType.DIRECTORY:
-        node.children = {}
-    elif entry.type is EntryType.FILE:
-        node.size = entry.size
-        node.data_offset = entry.data_offset
-        node.sparse = entry.sparse
-    elif entry.type is EntryType.SYMLINK:
-        node.target = entry.linkname
-        node.size = len(os.fsencode(entry.linkname))
-    elif entry.type in (EntryType.CHAR_DEVICE, EntryType.BLOCK_DEVICE):
-        node.rdev = os.makedev(entry.devmajor, entry.devminor)
-    return node
+    # Positional, in Node's field order, and one branch per type: this runs
+    # once per entry of every layer (a third of merging a 70k-entry image
+    # when it was keyword arguments and attribute writes).
+    etype = entry.type
+    xattrs = dict(entry.xattrs) if entry.xattrs else {}
+    mode = entry.mode & 0o7777
+    if etype is EntryType.FILE:
+        return Node(etype, mode, entry.uid, entry.gid, entry.mtime_ns, layer, entry.size, "", 0,
+                    xattrs, entry.data_offset, entry.sparse)  # fmt: skip
+    if etype is EntryType.DIRECTORY:
+        return Node(etype, mode, entry.uid, entry.gid, entry.mtime_ns, layer, 0, "", 0, xattrs,
+                    0, None, {})  # fmt: skip
+    if etype is EntryType.SYMLINK:
+        target = entry.linkname
+        size = len(target.encode("utf-8", "surrogateescape"))  # os.fsencode's, in C
+        return Node(etype, mode, entry.uid, entry.gid, entry.mtime_ns, layer, size, target, 0,
+                    xattrs)  # fmt: skip
+    rdev = 0
+    if etype is EntryType.CHAR_DEVICE or etype is EntryType.BLOCK_DEVICE:
+        rdev = os.makedev(entry.devmajor, entry.devminor)
+    return Node(etype, mode, entry.uid, entry.gid, entry.mtime_ns, layer, 0, "", rdev, xattrs)
 
 
 def set_dir_attrs(directory: Node, entry: TarEntry, layer: int) -> None:
