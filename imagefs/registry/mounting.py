@@ -27,6 +27,7 @@ from imagefs.reference import Reference, parse_reference
 from imagefs.registry.config import LazyMode, PrefetchMode, RegistryOptions
 from imagefs.registry.lazy import LazyImage
 from imagefs.registry.pull import RegistrySource, Resolved, without_feeds
+from imagefs.tree.gcpause import gc_paused
 from imagefs.tree.loader import LoadedImage, load_image, scan_layers, with_readers
 from imagefs.tree.merged import freeze
 from imagefs.tree.overlay import merge_layers
@@ -130,33 +131,36 @@ def _load_lazy(
         if tree is not None:
             log.debug("%s: the merged tree of its lazy layers from the cache", source)
             return image, _lazy_loaded(image, tree, cache_dir, lazy_image)
-    known = lazy_image.entries(warn)  # may drop a layer whose TOC cannot be served
-    image, downloads = registry.open_resolved(source, ref, resolved, lazy=frozenset(known))
-    stack.callback(downloads.close)
-    layer_entries = scan_layers(image, warn=warn, progress=progress, cache_dir=cache_dir,
-                                known=known)  # fmt: skip
-    del known
-    # Packed straight from the merge (write_packed_root), as a first local
-    # mount's build is: freezing an in-memory tree first only to pack it cost
-    # a fifth of the time to live of a 34k-entry image.
-    root = merge_layers(layer_entries, warn)
-    del layer_entries
-    downloads.wait()
-    image = without_feeds(image)
-    path = tree_path(cache_dir, image)
-    sources = tree_sources(image, lazy_image.identities())
-    try:
-        write_packed_root(root, path, sources)
-        tree = open_packed_tree(path, sources)
-        if tree is None:
-            raise ImageFSError(f"the index written to {path} cannot be read back")
-    except (ImageFSError, OSError) as exc:
-        log.warning("cannot persist the index of %s: %s", source, exc)
-        loaded = with_readers(image, freeze(root), cache_dir, ExitStack(), lazy_image.open_data)
-        loaded.on_live = lazy_image.start
-        loaded.lazy_layers = tuple(lazy_image.layers[i].descriptor for i in sorted(lazy_image.tocs))
-        return image, loaded
-    del root
+    with gc_paused():  # the TOCs' entries and the merge: see tree.gcpause
+        known = lazy_image.entries(warn)  # may drop a layer whose TOC cannot be served
+        image, downloads = registry.open_resolved(source, ref, resolved, lazy=frozenset(known))
+        stack.callback(downloads.close)
+        layer_entries = scan_layers(image, warn=warn, progress=progress, cache_dir=cache_dir,
+                                    known=known)  # fmt: skip
+        del known
+        # Packed straight from the merge (write_packed_root), as a first local
+        # mount's build is: freezing an in-memory tree first only to pack it cost
+        # a fifth of the time to live of a 34k-entry image.
+        root = merge_layers(layer_entries, warn)
+        del layer_entries
+        downloads.wait()
+        image = without_feeds(image)
+        path = tree_path(cache_dir, image)
+        sources = tree_sources(image, lazy_image.identities())
+        try:
+            write_packed_root(root, path, sources)
+            tree = open_packed_tree(path, sources)
+            if tree is None:
+                raise ImageFSError(f"the index written to {path} cannot be read back")
+        except (ImageFSError, OSError) as exc:
+            log.warning("cannot persist the index of %s: %s", source, exc)
+            loaded = with_readers(image, freeze(root), cache_dir, ExitStack(), lazy_image.open_data)
+            loaded.on_live = lazy_image.start
+            loaded.lazy_layers = tuple(
+                lazy_image.layers[i].descriptor for i in sorted(lazy_image.tocs)
+            )
+            return image, loaded
+        del root  # before the collector is back: nothing left for it to walk
     return image, _lazy_loaded(image, tree, cache_dir, lazy_image)
 
 

@@ -36,6 +36,7 @@ from imagefs.layers.toc.bookkeeping import mark_bookkeeping, tolerates_missing_e
 from imagefs.layers.toc.local import scan_toc_layer
 from imagefs.progress import Progress
 from imagefs.tree.content import ContentReader
+from imagefs.tree.gcpause import gc_paused
 from imagefs.tree.merged import freeze
 from imagefs.tree.overlay import Node, merge_layers
 from imagefs.tree.served import Tree
@@ -288,11 +289,12 @@ def load_image(
     """
     warn = warn or log.warning
     progress = progress or Progress(False)
-    layer_entries = scan_layers(
-        image, warn=warn, progress=progress, cache_dir=cache_dir, known=known
-    )
-    tree = freeze(build(layer_entries, warn))
-    del layer_entries
+    with gc_paused():
+        layer_entries = scan_layers(
+            image, warn=warn, progress=progress, cache_dir=cache_dir, known=known
+        )
+        tree = freeze(build(layer_entries, warn))
+        del layer_entries
     return with_readers(image, tree, cache_dir, ExitStack(), open_data)
 
 

@@ -29,6 +29,7 @@ from imagefs.errors import ImageFSError
 from imagefs.image import Image
 from imagefs.layers.index import blob_identity
 from imagefs.progress import Progress
+from imagefs.tree.gcpause import gc_paused
 from imagefs.tree.loader import LoadedImage, scan_layers, with_readers
 from imagefs.tree.overlay import merge_layers
 from imagefs.tree.packed import PackedTree, open_packed_tree, write_packed_root
@@ -147,10 +148,11 @@ def _build(
     def build() -> None:
         report = warn or log.warning
         shown = progress or Progress(False)
-        layer_entries = scan_layers(image, warn=report, progress=shown, cache_dir=cache_dir)
-        root = merge_layers(layer_entries, report)
-        del layer_entries
-        write_packed_root(root, path, sources)
+        with gc_paused():
+            layer_entries = scan_layers(image, warn=report, progress=shown, cache_dir=cache_dir)
+            root = merge_layers(layer_entries, report)
+            del layer_entries
+            write_packed_root(root, path, sources)
 
     log.debug("building the index of %s into %s", image.source, path)
     _build_in_child(build)
