@@ -41,6 +41,7 @@ __all__ = ["BOOKKEEPING_NAMES", "mark_bookkeeping", "tolerates_missing_end"]
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 BOOKKEEPING_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+_BOOKKEEPING_ENDINGS = tuple(sorted(BOOKKEEPING_NAMES))
 
 
 def _root_name(path: str) -> str:
@@ -54,12 +55,17 @@ def _root_name(path: str) -> str:
 def mark_bookkeeping(layer: Layer, entries: Iterable[TarEntry]) -> list[TarEntry]:
     """``entries`` with the eStargz bookkeeping ones marked, if ``layer`` is eStargz-written."""
     entries = list(entries)
+    # Every bookkeeping path ends with its name: one C call per entry first.
+    if not any(entry.path.endswith(_BOOKKEEPING_ENDINGS) for entry in entries):
+        return entries
     if not any(_root_name(entry.path) in BOOKKEEPING_NAMES for entry in entries):
         return entries
     if not has_estargz_toc(layer):
         return entries
     return [
-        replace(entry, bookkeeping=True) if _root_name(entry.path) in BOOKKEEPING_NAMES else entry
+        replace(entry, bookkeeping=True)
+        if entry.path.endswith(_BOOKKEEPING_ENDINGS) and _root_name(entry.path) in BOOKKEEPING_NAMES
+        else entry
         for entry in entries
     ]
 
