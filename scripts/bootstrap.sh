@@ -44,3 +44,10 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/python -m pip install -q -e '.[dev]'
     touch "$stamp"
 fi
+
+# Bytecode for the package, as a (non-editable) pip install writes it: an
+# editable install leaves it to the first import, which skips it under
+# PYTHONDONTWRITEBYTECODE (set on CI machines), and then every `imagefs` run
+# compiles all its modules again: 0.25 s of each mount's start here. Only
+# sources newer than their bytecode are compiled.
+.venv/bin/python -m compileall -q imagefs
