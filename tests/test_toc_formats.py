@@ -301,6 +301,20 @@ def _a_chunk_missing(toc: dict[str, Any]) -> None:
             lambda toc: _entry(toc, "etc/passwd").update(chunkDigest="sha512:" + "0" * 128),
             "not a sha256",
         ),
+        # Checked all at once, then one by one for the message: hex that
+        # bytes.fromhex would take but a digest may not hold.
+        (
+            lambda toc: _entry(toc, "etc/passwd").update(chunkDigest="sha256:" + "A" * 64),
+            "TOC entry [0-9]+: chunkDigest",
+        ),
+        (
+            lambda toc: _entry(toc, "etc/passwd").update(chunkDigest="sha256:" + "0" * 62 + " 0"),
+            "TOC entry [0-9]+: chunkDigest",
+        ),
+        (
+            lambda toc: _entry(toc, "bin/big", "chunk").update(chunkDigest="sha256:zz"),
+            "TOC entry [0-9]+: chunkDigest",
+        ),
         # Chunks that do not add up, overlap, or lie outside the blob's data.
         (lambda toc: _entry(toc, "bin/big", "chunk").update(chunkOffset=150_000), "end at 100000"),
         (_a_chunk_missing, "cover 300000 of its 400000"),
@@ -320,6 +334,18 @@ def test_inconsistent_tocs_are_toc_errors(mutate: Any, problem: str) -> None:
         _read(crafted)
     assert str(raised.value).startswith("layer test: TOC")
     assert "\n" not in str(raised.value)
+
+
+def test_a_bad_file_digest_is_named_where_it_stands_in_for_the_chunks() -> None:
+    # zstd:chunked gives a file in one chunk only its "digest".
+    def bad_digest(toc: dict[str, Any]) -> None:
+        entry = next(e for e in toc["entries"] if e["name"] == "etc/passwd")
+        assert "chunkDigest" not in entry
+        entry["digest"] = "sha256:" + "0" * 63
+
+    position = next(i for i, item in enumerate(ITEMS) if item.name == "etc/passwd")
+    with pytest.raises(TocError, match=f"TOC entry {position}: digest: malformed"):
+        _read(zstd_chunked(ITEMS, mutate=bad_digest))
 
 
 def test_zstd_chunked_end_offsets_bound_the_last_chunk() -> None:
