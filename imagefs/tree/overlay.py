@@ -286,7 +286,8 @@ class _Merger:
     # -- applying one layer ------------------------------------------------
 
     def apply_layer(self, layer: int, entries: Iterable[TarEntry]) -> None:
-        additions: list[tuple[str, TarEntry]] = []
+        # (path, its parent's path, its name, the entry)
+        additions: list[tuple[str, str, str, TarEntry]] = []
         whiteouts: list[tuple[str, str]] = []
         opaque_dirs: list[str] = []
         for entry in entries:
@@ -299,13 +300,15 @@ class _Merger:
             if entry.path.startswith("/") and path:
                 self.warn(f"layer {layer}: removing leading '/' from {entry.path!r}")
             parent, _, name = path.rpartition("/")
-            if "/" + WHITEOUT_PREFIX in "/" + parent:
+            if WHITEOUT_PREFIX in parent and "/" + WHITEOUT_PREFIX in "/" + parent:
                 # Nothing can live below a whiteout name; aufs kept its own
                 # bookkeeping there (".wh..wh.plnk/..."), which is not content.
                 if not parent.startswith(AUFS_META_PREFIX):
                     self.warn(f"layer {layer}: ignoring {entry.path!r}: inside a whiteout name")
                 continue
-            if name == OPAQUE_MARKER:
+            if not name.startswith(WHITEOUT_PREFIX):  # most entries: one test, not three
+                additions.append((path, parent, name, entry))
+            elif name == OPAQUE_MARKER:
                 opaque_dirs.append(parent)
             elif name.startswith(AUFS_META_PREFIX):
                 continue
@@ -315,8 +318,6 @@ class _Merger:
                     self.warn(f"layer {layer}: ignoring whiteout {entry.path!r}: names no entry")
                     continue
                 whiteouts.append((parent, victim))
-            else:
-                additions.append((path, entry))
 
         # Removals first, and only of what lower layers made (image-spec).
         for parent in opaque_dirs:
@@ -339,8 +340,9 @@ class _Merger:
             self._resolve(parent, layer)
 
         self._forget_parents()
-        for path, entry in additions:
-            self._add(layer, path, entry)
+        add = self._add
+        for path, parent_path, name, entry in additions:
+            add(layer, path, parent_path, name, entry)
         self._forget_parents()
 
     def _forget_parents(self) -> None:
@@ -357,7 +359,7 @@ class _Merger:
         self._last_parent = (parent_path, parent)
         return parent
 
-    def _add(self, layer: int, path: str, entry: TarEntry) -> None:
+    def _add(self, layer: int, path: str, parent_path: str, name: str, entry: TarEntry) -> None:
         if path == "":
             # The root entry ("./") only carries the root directory's attributes.
             if entry.type is not EntryType.DIRECTORY:
@@ -367,17 +369,22 @@ class _Merger:
             if self.on_change is not None:
                 self._report(layer, [], ChangeKind.UPDATE, self.root)
             return
-        parent_path, _, name = path.rpartition("/")
-        parent, names = self._parent_for_add(parent_path, layer)
-        assert parent.children is not None
-        existing = parent.children.get(name)
-        if entry.type is EntryType.DIRECTORY and existing is not None and existing.is_dir:
+        last_dir = self._last_dir  # the usual hit, tested here before the call
+        if last_dir is not None and last_dir[0] == parent_path:
+            parent, names = last_dir[1]
+        else:
+            parent, names = self._parent_for_add(parent_path, layer)
+        children = parent.children
+        assert children is not None
+        existing = children.get(name)
+        etype = entry.type
+        if etype is EntryType.DIRECTORY and existing is not None and existing.is_dir:
             set_dir_attrs(existing, entry, layer)
             self._last_dir = (path, (existing, (*names, name)))
             if self.on_change is not None:
                 self._report(layer, [*names, name], ChangeKind.UPDATE, existing)
             return
-        if entry.type is EntryType.HARDLINK:
+        if etype is EntryType.HARDLINK:
             target_path = clean_path(entry.linkname)
             target = self._lookup(target_path) if target_path is not None else None
             if target is None or target.is_dir:
@@ -390,14 +397,14 @@ class _Merger:
             new = target
         else:
             new = node_from_entry(entry, layer)
-        if self.on_change is not None:
-            if existing is not None and existing is not new:
-                self._report(layer, [*names, name], ChangeKind.REPLACE, existing)
-            self._report(layer, [*names, name], ChangeKind.ADD, new)
         if existing is not None and existing is not new:
+            if self.on_change is not None:
+                self._report(layer, [*names, name], ChangeKind.REPLACE, existing)
             self._forget_parents()
-        parent.children[name] = new
-        if new.is_dir:
+        if self.on_change is not None:
+            self._report(layer, [*names, name], ChangeKind.ADD, new)
+        children[name] = new
+        if new.type is EntryType.DIRECTORY:
             self._last_dir = (path, (new, (*names, name)))
 
 
