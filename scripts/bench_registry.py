@@ -50,13 +50,14 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.throttleproxy import ThrottleProxy  # noqa: E402
 from tests import builder  # noqa: E402
-from tests.engines import Containerd, Skopeo  # noqa: E402
+from tests.engines import Containerd, Skopeo, TocKind  # noqa: E402
 from tests.oracle import toc_json  # noqa: E402
 from tests.producers import ctr_remote_convert, registry_to_layout  # noqa: E402
 from tests.registry import Registry  # noqa: E402
@@ -175,9 +176,7 @@ def _pick_files(mnt: Path) -> tuple[str, list[str]]:
     return small, [path for path, _ in regular[::step][:100]]
 
 
-def lazy_run(
-    ref: str, proxy: ThrottleProxy, work: Path, blobs: dict[str, bytes]
-) -> dict[str, float]:
+def lazy_run(ref: str, proxy: ThrottleProxy, work: Path, blobs: dict[str, bytes]) -> dict[str, Any]:
     """Lazy mounts through ``proxy``: live (median of LIVE_RUNS, each with an empty
     cache), then in the last one a cat and 100 sha256sums (seconds and bytes)."""
     mnt = work / "mnt"
@@ -212,12 +211,16 @@ def lazy_run(
         imagefs("umount", mnt)
     chunks = sum(_member_bytes(blob, small) for blob in blobs.values())
     return {
-        "live_s": live, "live_bytes": live_bytes, "cat_s": cat, "cat_bytes": cat_bytes,
+        "live_s": live, "live_samples_s": lives, "live_bytes": live_bytes,
+        "cat_s": cat, "cat_bytes": cat_bytes,
         "cat_file_chunk_bytes": chunks, "sha256_100_s": hashed, "sha256_100_bytes": hashed_bytes,
     }  # fmt: skip
 
 
-CONVERSIONS = {"eStargz": ("estargz", "esgz"), "zstd:chunked": ("zstdchunked", "zstdc")}
+CONVERSIONS: dict[str, tuple[TocKind, str]] = {
+    "eStargz": ("estargz", "esgz"),
+    "zstd:chunked": ("zstdchunked", "zstdc"),
+}
 
 
 def converted_images(registry: Registry, plain_ref: str, work: Path) -> dict[str, str]:
@@ -254,12 +257,12 @@ def converted_images(registry: Registry, plain_ref: str, work: Path) -> dict[str
     return refs
 
 
-def lazy_bench(registry: Registry, plain_ref: str, work: Path) -> dict[str, dict[str, float]]:
+def lazy_bench(registry: Registry, plain_ref: str, work: Path) -> dict[str, dict[str, Any]]:
     """Convert, then measure lazy and full mounts of each format on both links."""
     refs = converted_images(registry, plain_ref, work)
     # Gigabytes were just pushed: their write-back must not land in the timings.
     os.sync()
-    found: dict[str, dict[str, float]] = {}
+    found: dict[str, dict[str, Any]] = {}
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
     for kind, ref in refs.items():
@@ -289,15 +292,19 @@ def lazy_bench(registry: Registry, plain_ref: str, work: Path) -> dict[str, dict
                     row["full_bytes"] = proxy.bytes_down - before
                     shutil.rmtree(cache)  # a copy of every blob
                 full = row["full_s"] = statistics.median(fulls)
+                row["full_samples_s"] = fulls
             finally:
                 proxy.stop()
             row["blob_bytes"] = total
             found[f"{kind} {link}"] = row
-            print(f"  {kind} {link}: live {row['live_s']:.2f} s, full {full:.2f} s", flush=True)
+            live_runs, full_runs = (", ".join(f"{t:.2f}" for t in row[key]) for key in
+                                    ("live_samples_s", "full_samples_s"))  # fmt: skip
+            print(f"  {kind} {link}: live {row['live_s']:.2f} s ({live_runs}), "
+                  f"full {full:.2f} s ({full_runs})", flush=True)  # fmt: skip
     return found
 
 
-def print_lazy(results: dict[str, dict[str, float]]) -> None:
+def print_lazy(results: dict[str, dict[str, Any]]) -> None:
     print("\nlazy registry mounts (--prefetch=none), each against the full mount of the same image")
     header = (
         f"{'image, link':30} {'live':>8} {'full':>8} {'ratio':>6} {'to live':>10} {'% blob':>7}"
