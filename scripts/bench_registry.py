@@ -114,6 +114,7 @@ def imagefs(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def mount_to_ls(ref: str, cache: Path, mnt: Path, *options: str) -> float:
+    os.sync()  # an earlier run's cache writes must not land in this one's time
     started = time.perf_counter()
     result = imagefs("mount", "--quiet", f"--cache-dir={cache}", *options, ref, mnt)
     if result.returncode != 0:
@@ -183,6 +184,10 @@ def lazy_run(ref: str, proxy: ThrottleProxy, work: Path, blobs: dict[str, bytes]
     lives: list[float] = []
     for run in range(LIVE_RUNS):
         cache = Path(tempfile.mkdtemp(prefix="cache-lazy-", dir=work))
+        # A full mount before this one wrote (and its cache's removal freed) a
+        # gigabyte: unsynced, the first lazy mount after one was 0.1-0.5 s
+        # slower than the two after it.
+        os.sync()
         before = proxy.bytes_down
         started = time.perf_counter()
         result = imagefs("mount", "--quiet", "--prefetch=none", f"--cache-dir={cache}", ref, mnt)
@@ -260,8 +265,6 @@ def converted_images(registry: Registry, plain_ref: str, work: Path) -> dict[str
 def lazy_bench(registry: Registry, plain_ref: str, work: Path) -> dict[str, dict[str, Any]]:
     """Convert, then measure lazy and full mounts of each format on both links."""
     refs = converted_images(registry, plain_ref, work)
-    # Gigabytes were just pushed: their write-back must not land in the timings.
-    os.sync()
     found: dict[str, dict[str, Any]] = {}
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)

@@ -47,7 +47,7 @@ from imagefs.errors import CompressionError, ImageFSError, LayerError, NotCached
 from imagefs.image import Layer
 from imagefs.layers.plumbing import InUse, cache_path
 from imagefs.layers.toc import zstdchunked
-from imagefs.layers.toc.bookkeeping import PREFETCH_LANDMARK
+from imagefs.layers.toc.bookkeeping import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
 from imagefs.layers.toc.chunks import decode_chunk
 from imagefs.layers.toc.chunkstore import ChunkStore
 from imagefs.layers.toc.estargz import TOC_DIGEST_ANNOTATION
@@ -85,6 +85,7 @@ MAX_RANGE = 8 << 20
 # fetched whole. Should decoding need more, the rest of the member follows.
 _SLACK = 4096
 _NAMES_KEPT = 256  # file names remembered for messages about failed chunks
+_LANDMARKS = (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK)
 _FETCHED_MAGIC = b"IMGFS-TF"
 _U32 = struct.Struct("<I")
 _MAX_HEADER = 1 << 16
@@ -291,10 +292,17 @@ def parse_fetched(
         return toc
     prefetch_end = 0
     if TOC_DIGEST_ANNOTATION in dict(layer.descriptor.annotations):  # eStargz-written
+        # The writer puts one landmark right after the prioritised files, or
+        # .no.prefetch.landmark first when there are none (estargz.go): either
+        # ends the search, which would otherwise test every entry's name.
         for position, entry in enumerate(toc.entries):
-            if _root_name(entry.path) == PREFETCH_LANDMARK:
-                prefetch_end = position
-                break
+            if entry.path.endswith(_LANDMARKS):
+                name = _root_name(entry.path)
+                if name == PREFETCH_LANDMARK:
+                    prefetch_end = position
+                    break
+                if name == NO_PREFETCH_LANDMARK:
+                    break
     fetched = FetchedToc(fetched.location, fetched.tail, fetched.raw, prefetch_end,
                          fetched.from_cache)  # fmt: skip
     if cache_dir is not None:
