@@ -34,7 +34,7 @@ from typing import Any, overload
 
 from imagefs.cachedir import TREE, AtomicFile
 from imagefs.layers.entry import EntryType
-from imagefs.tree.merged import NO_XATTRS
+from imagefs.tree.merged import NAME_ENCODING, NO_XATTRS, children_in_byte_order
 from imagefs.tree.overlay import Node
 from imagefs.tree.served import ROOT_INO, Attributes, Inode, Stat, Tree
 
@@ -54,10 +54,6 @@ _NLINK_AT = 16
 _RUN = struct.Struct("<II")  # first dirent, dirent count
 _RUN_AT = 60
 _NO_SPARSE = 0xFFFFFFFF
-# os.fsencode's, spelled out: the method is C, os.fsencode a Python call per name
-# (a tenth of packing 70k entries). Names come from the tar scanner and TOCs,
-# decoded this way (imagefs.layers.tarscan).
-_NAME_ENCODING = ("utf-8", "surrogateescape")
 
 
 class _Pool:
@@ -76,11 +72,11 @@ def _encode_extra(node: Attributes) -> bytes:
     """Symlink target, xattrs and sparse map; b"" when the node has none."""
     if not node.target and not node.xattrs and node.sparse is None:
         return b""
-    target = node.target.encode(*_NAME_ENCODING)
+    target = node.target.encode(*NAME_ENCODING)
     out = bytearray(_U32.pack(len(target)) + target)
     out += _U32.pack(len(node.xattrs))
     for name, value in node.xattrs.items():
-        encoded = name.encode(*_NAME_ENCODING)
+        encoded = name.encode(*NAME_ENCODING)
         out += _U32.pack(len(encoded)) + encoded + _U32.pack(len(value)) + value
     if node.sparse is None:
         out += _U32.pack(_NO_SPARSE)
@@ -149,38 +145,19 @@ def write_packed_root(root: Node, path: Path, sources: dict[str, Any]) -> None:
     million-entry image this way skips ``freeze``'s million ``Inode`` objects.
     """
     pool = _Pool()
-    names = pool.data  # appended to in place below, as pool.add would
     inodes = bytearray()
     dirents = bytearray()
     ino_of: dict[int, int] = {}  # id(node) -> ino; nodes stay alive in the tree
     extra_names: dict[int, int] = {}  # ino -> names beyond the first (hardlinks)
     total_size = 0
-    pack_inode, pack_dirent, directory_type = _INODE.pack, _DIRENT.pack, EntryType.DIRECTORY
-
-    def record(node: Node, ino: int, parent: int) -> None:
-        # Written out (with the loop below) rather than through _pack_inode
-        # and _Pool.add: three calls per entry were a third of the packing.
-        extra_offset = extra_length = 0
-        if node.target or node.xattrs or node.sparse is not None:
-            extra = _encode_extra(node)
-            extra_offset, extra_length = len(names), len(extra)
-            names.extend(extra)
-        inodes.extend(pack_inode(
-            int(node.type), node.mode, node.uid, node.gid,
-            2 if node.type is directory_type else 1, parent, node.layer, node.size,
-            node.mtime_ns, node.rdev, node.data_offset, 0, 0, extra_offset, extra_length,
-        ))  # fmt: skip
-
+    pack_dirent, directory_type = _DIRENT.pack, EntryType.DIRECTORY
     ino_of[id(root)] = ROOT_INO
-    record(root, ROOT_INO, ROOT_INO)
+    inodes.extend(_pack_inode(root, pool, nlink=2, parent=ROOT_INO))
     dirent_count = 0
     stack: list[tuple[Node, int]] = [(root, ROOT_INO)]
     while stack:
         directory, directory_ino = stack.pop()
-        assert directory.children is not None
-        children = sorted(
-            [(name.encode(*_NAME_ENCODING), child) for name, child in directory.children.items()]
-        )
+        children = children_in_byte_order(directory)
         new_dirs: list[tuple[Node, int]] = []
         subdirectories = 0
         for name, child in children:
@@ -190,15 +167,15 @@ def write_packed_root(root: Node, path: Path, sources: dict[str, Any]) -> None:
             if child_ino is None:
                 child_ino = len(ino_of) + 1
                 ino_of[key] = child_ino
-                record(child, child_ino, directory_ino)
+                nlink = 2 if is_dir else 1
+                inodes.extend(_pack_inode(child, pool, nlink=nlink, parent=directory_ino))
                 if is_dir:
                     new_dirs.append((child, child_ino))
                 elif child.type is EntryType.FILE:
                     total_size += child.size
             else:
                 extra_names[child_ino] = extra_names.get(child_ino, 0) + 1
-            dirents.extend(pack_dirent(len(names), len(name), child_ino))
-            names.extend(name)
+            dirents.extend(pack_dirent(pool.add(name), len(name), child_ino))
             if is_dir:
                 subdirectories += 1
         at = (directory_ino - 1) * _INODE.size
@@ -219,7 +196,7 @@ def _pack_inode(
     node: Attributes, pool: _Pool, *, nlink: int, parent: int, first: int = 0, count: int = 0
 ) -> bytes:
     extra = _encode_extra(node)
-    extra_offset = pool.add(extra) if extra else 0
+    extra_offset = pool.add(extra) if extra else 0  # most nodes have none: b""
     return _INODE.pack(
         int(node.type), node.mode, node.uid, node.gid, nlink, parent,
         node.layer, node.size, node.mtime_ns, node.rdev, node.data_offset,
