@@ -369,11 +369,7 @@ class _Merger:
             if self.on_change is not None:
                 self._report(layer, [], ChangeKind.UPDATE, self.root)
             return
-        last_dir = self._last_dir  # the usual hit, tested here before the call
-        if last_dir is not None and last_dir[0] == parent_path:
-            parent, names = last_dir[1]
-        else:
-            parent, names = self._parent_for_add(parent_path, layer)
+        parent, names = self._parent_for_add(parent_path, layer)
         children = parent.children
         assert children is not None
         existing = children.get(name)
