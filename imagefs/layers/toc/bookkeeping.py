@@ -55,19 +55,17 @@ def _root_name(path: str) -> str:
 def mark_bookkeeping(layer: Layer, entries: Iterable[TarEntry]) -> list[TarEntry]:
     """``entries`` with the eStargz bookkeeping ones marked, if ``layer`` is eStargz-written."""
     entries = list(entries)
-    # Every bookkeeping path ends with its name: one C call per entry first.
-    if not any(entry.path.endswith(_BOOKKEEPING_ENDINGS) for entry in entries):
-        return entries
-    if not any(_root_name(entry.path) in BOOKKEEPING_NAMES for entry in entries):
-        return entries
-    if not has_estargz_toc(layer):
-        return entries
-    return [
-        replace(entry, bookkeeping=True)
+    # Every bookkeeping path ends with its name: one C call for most entries.
+    marked = [
+        index
+        for index, entry in enumerate(entries)
         if entry.path.endswith(_BOOKKEEPING_ENDINGS) and _root_name(entry.path) in BOOKKEEPING_NAMES
-        else entry
-        for entry in entries
     ]
+    if not marked or not has_estargz_toc(layer):
+        return entries
+    for index in marked:
+        entries[index] = replace(entries[index], bookkeeping=True)
+    return entries
 
 
 def tolerates_missing_end(layer: Layer) -> bool:
