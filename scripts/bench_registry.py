@@ -113,15 +113,20 @@ def imagefs(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def mount_to_ls(ref: str, cache: Path, mnt: Path, *options: str) -> float:
-    os.sync()  # an earlier run's cache writes must not land in this one's time
+def mount_to_ls(ref: str, cache: Path, mnt: Path, *options: str, keep: bool = False) -> float:
+    """Seconds from ``imagefs mount`` to a listed root; unmounted after unless ``keep``."""
+    # An earlier run's cache writes (a full mount writes a gigabyte, and its
+    # cache's removal frees it) must not land in this one's time: unsynced,
+    # the first lazy mount after a full one was 0.1-0.5 s slower than the next.
+    os.sync()
     started = time.perf_counter()
     result = imagefs("mount", "--quiet", f"--cache-dir={cache}", *options, ref, mnt)
     if result.returncode != 0:
         raise SystemExit(f"mount failed: {result.stderr}")
     os.listdir(mnt)
     seconds = time.perf_counter() - started
-    imagefs("umount", mnt)
+    if not keep:
+        imagefs("umount", mnt)
     return seconds
 
 
@@ -184,20 +189,9 @@ def lazy_run(ref: str, proxy: ThrottleProxy, work: Path, blobs: dict[str, bytes]
     lives: list[float] = []
     for run in range(LIVE_RUNS):
         cache = Path(tempfile.mkdtemp(prefix="cache-lazy-", dir=work))
-        # A full mount before this one wrote (and its cache's removal freed) a
-        # gigabyte: unsynced, the first lazy mount after one was 0.1-0.5 s
-        # slower than the two after it.
-        os.sync()
         before = proxy.bytes_down
-        started = time.perf_counter()
-        result = imagefs("mount", "--quiet", "--prefetch=none", f"--cache-dir={cache}", ref, mnt)
-        if result.returncode != 0:
-            raise SystemExit(f"lazy mount failed: {result.stderr}")
-        os.listdir(mnt)
-        lives.append(time.perf_counter() - started)
+        lives.append(mount_to_ls(ref, cache, mnt, "--prefetch=none", keep=run + 1 == LIVE_RUNS))
         live_bytes = proxy.bytes_down - before
-        if run + 1 < LIVE_RUNS:
-            imagefs("umount", mnt)
     live = statistics.median(lives)
     try:
         small, hundred = _pick_files(mnt)
